@@ -1,0 +1,29 @@
+"""bat-sampling core: exact basis-aware threshold (BAT) decisions with certificates.
+
+Finlayson et al., "Closing the Curious Case of Neural Text Degeneration" (ICLR 2024).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .basis import Basis
+from .errors import BatError
+from .reference import ReferenceDecision, reference_decide
+from .sampler import BatSampler, MaskResult, SampleResult
+from .solver import AcceptCertificate, BatConfig, BatSolver, BatStats, Decision, RejectCertificate
+from .thresholds import ThresholdRule, entropy, eta_threshold, truncate_mask
+
+
+def decide(W: Any, logits: Any, token_ids: Any, tau: float, bias: Any = None) -> np.ndarray:
+    """One-shot exact decision (True = may be sampled). Builds the per-model Basis: for repeated use
+    keep a Basis and call `Basis.decide`, or a per-request BatSolver/BatSampler."""
+    return Basis(W, bias=bias).decide(logits, token_ids, tau)
+
+
+__all__ = [
+    "AcceptCertificate", "Basis", "BatConfig", "BatError", "BatSampler", "BatSolver", "BatStats",
+    "Decision", "MaskResult", "ReferenceDecision", "RejectCertificate", "SampleResult", "ThresholdRule",
+    "decide", "entropy", "eta_threshold", "reference_decide", "truncate_mask",
+]

@@ -1,0 +1,205 @@
+"""The per-model object: the unembedding matrix W and everything derived from it once.
+
+A model's logits are ``z = W h + b`` (optionally soft-capped: ``c * tanh(u / c)``). BAT needs W
+exactly as the engine multiplies with it, as float32, once per model. Everything that all requests
+share (row norms, the Gram matrix of [W, 1], the whitened rows used to search for certificates) is
+computed here, once, and never copied per request.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from .errors import BatError
+
+_CHUNK_ROWS = 8192
+
+
+def as_float32_matrix(matrix: Any, name: str) -> np.ndarray:
+    """numpy or torch matrix of any float dtype -> C-contiguous float32 numpy (no copy when already so)."""
+    if hasattr(matrix, "detach") and hasattr(matrix, "cpu"):  # a torch tensor, without importing torch
+        import torch
+
+        matrix = matrix.detach().to(device="cpu", dtype=torch.float32).numpy()
+    array = np.asarray(matrix)
+    if array.ndim != 2:
+        raise BatError(f"{name} must be a 2-D matrix [vocab, hidden], got shape {array.shape}")
+    if not np.issubdtype(array.dtype, np.floating):
+        raise BatError(f"{name} must hold floating-point numbers, got dtype {array.dtype}; dequantize it first")
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def _require_finite(array: np.ndarray, name: str, advice: str) -> None:
+    for start in range(0, array.shape[0], _CHUNK_ROWS):
+        block = array[start : start + _CHUNK_ROWS]
+        if not np.isfinite(block).all():
+            bad = start + int(np.argwhere(~np.isfinite(block))[0][0])
+            raise BatError(f"{name} holds NaN or inf (first at row {bad}); {advice}")
+
+
+class Basis:
+    """One model's unembedding ``W`` (v x d), optional bias and soft-cap.
+
+    Args:
+        W: numpy array or torch tensor, shape [vocab, hidden], any float dtype. Rows must be the
+            exact rows that produced the logits (tied embedding or lm_head, dequantized).
+        bias: optional output bias of length vocab.
+        softcap: optional final-logit soft-cap ``c`` (logits = c * tanh(u / c), as in Gemma 2).
+            BAT then uses the rows of W scaled by ``1 - (z_j / c)^2`` (METHOD.md section 5).
+    """
+
+    def __init__(self, W: Any, bias: Any = None, softcap: float | None = None) -> None:
+        self.W = as_float32_matrix(W, "W")
+        self.vocab_size, self.hidden_size = self.W.shape
+        if self.vocab_size < 2:
+            raise BatError(f"W has {self.vocab_size} row(s): a vocabulary needs at least 2 tokens")
+        _require_finite(self.W, "W", "check the checkpoint and its dequantization")
+        self.bias = None
+        if bias is not None:
+            b = np.asarray(bias.detach().cpu().float().numpy() if hasattr(bias, "detach") else bias, np.float64)
+            if b.shape != (self.vocab_size,):
+                raise BatError(f"bias has shape {b.shape}, expected ({self.vocab_size},) to match W")
+            _require_finite(b[:, None], "bias", "check the checkpoint")
+            self.bias = b
+        if softcap is not None and (not math.isfinite(softcap) or softcap <= 0):
+            raise BatError(f"softcap={softcap!r} must be a positive number (or None when the model has none)")
+        self.softcap = None if softcap is None else float(softcap)
+        self._derive()
+
+    def _derive(self) -> None:
+        """Row norms and the float64 Gram matrix of A = [W, 1], chunked so no v x d float64 copy exists."""
+        v, d = self.W.shape
+        gram = np.zeros((d + 1, d + 1))
+        row_norm_sq = np.empty(v)
+        row_norm_l1 = np.empty(v)
+        for start in range(0, v, _CHUNK_ROWS):
+            block = self.W[start : start + _CHUNK_ROWS].astype(np.float64)
+            row_norm_sq[start : start + len(block)] = np.einsum("ij,ij->i", block, block)
+            row_norm_l1[start : start + len(block)] = np.abs(block).sum(axis=1)
+            gram[:d, :d] += block.T @ block
+            gram[:d, d] += block.sum(axis=0)
+        gram[d, :d] = gram[:d, d]
+        gram[d, d] = v
+        self.row_norm = np.sqrt(row_norm_sq)  # ||w_j||_2: bounds float32 rounding of W y
+        self.row_norm_l1 = row_norm_l1  # ||w_j||_1: scales the solver tolerance per token
+        self.gram = gram  # A^T A in float64: bounds sum_j c_j^2 over any token set exactly (up to 1e-12)
+        self._whitening: tuple[np.ndarray, np.ndarray] | None = None
+        self._eigvec: np.ndarray | None = None
+        self._reduced: dict[int, Basis] = {}
+
+    # ----------------------------------------------------------------- distributions
+    def probabilities(self, logits: Any) -> np.ndarray:
+        """p_hat = softmax(logits[:v]) in float64. Extra columns (engine padding) are ignored."""
+        z = self.checked_logits(logits)
+        z = z - z.max()
+        p = np.exp(z)
+        p /= p.sum()
+        return p
+
+    def checked_logits(self, logits: Any) -> np.ndarray:
+        """The first v logits as float64, after checking shape and values."""
+        if hasattr(logits, "detach"):
+            logits = logits.detach().float().cpu().numpy()
+        z = np.asarray(logits)
+        if z.ndim != 1:
+            raise BatError(f"logits must be one row of length >= {self.vocab_size}, got shape {z.shape}")
+        if z.shape[0] < self.vocab_size:
+            raise BatError(
+                f"logits have {z.shape[0]} columns but W has {self.vocab_size} rows: "
+                "W does not belong to this model (or the wrong matrix was read)"
+            )
+        z = z[: self.vocab_size].astype(np.float64)
+        if not np.isfinite(z).all():
+            raise BatError(
+                "logits hold NaN or inf: BAT needs the model's raw logits; run it before any processor "
+                "that masks tokens with -inf, and check the model for overflow"
+            )
+        return z
+
+    def row_scale(self, z: np.ndarray) -> np.ndarray | None:
+        """Per-token scaling of W's rows for soft-capped logits (None when there is no soft-cap)."""
+        if self.softcap is None:
+            return None
+        ratio = z / self.softcap
+        if np.any(np.abs(ratio) > 1.0 + 1e-6):
+            raise BatError(
+                f"logits exceed the soft-cap {self.softcap}: these logits were not produced by a "
+                "soft-capped model with this cap"
+            )
+        return np.clip(1.0 - ratio * ratio, 0.0, 1.0)
+
+    def decide(self, logits: Any, token_ids: Any, tau: float, config: Any = None) -> np.ndarray:
+        """Exact BAT decision for each token of one distribution: True = may be sampled.
+
+        One-shot (a fresh solver); per-request use with warm starts goes through BatSolver/BatSampler."""
+        from .solver import BatSolver
+
+        solver = BatSolver(self, config)
+        step = solver.new_step(logits, tau)
+        return np.array([d.accepted for d in solver.decide(step, token_ids)], dtype=bool)
+
+    # ----------------------------------------------------------------- helpers for the core
+    def rows(self, token_ids: np.ndarray) -> np.ndarray:
+        """Rows of W for token_ids as float64 (a small gather)."""
+        return self.W[token_ids].astype(np.float64)
+
+    def whitening(self) -> tuple[np.ndarray, np.ndarray]:
+        """(L^-1, whitened rows [W,1] L^-T in float32) with L L^T = Gram: a metric in which the
+        Cauchy-Schwarz tail bound of a certificate is its Euclidean norm. Built once, on first use."""
+        if self._whitening is None:
+            d1 = self.hidden_size + 1
+            jitter = 1e-9 * np.trace(self.gram) / d1
+            chol = np.linalg.cholesky(self.gram + jitter * np.eye(d1))
+            chol_inv = np.linalg.inv(chol)
+            transform = np.ascontiguousarray(chol_inv.T[: self.hidden_size].astype(np.float32))
+            ones_row = chol_inv.T[self.hidden_size].astype(np.float32)
+            white = np.empty((self.vocab_size, d1), dtype=np.float32)
+            for start in range(0, self.vocab_size, _CHUNK_ROWS):
+                block = self.W[start : start + _CHUNK_ROWS]
+                np.matmul(block, transform, out=white[start : start + len(block)])
+                white[start : start + len(block)] += ones_row
+            self._whitening = (chol_inv, white)
+        return self._whitening
+
+    def singular_directions(self, k: int) -> np.ndarray:
+        """The top-k right singular vectors of W (d x k, float64), from the Gram matrix."""
+        if self._eigvec is None:
+            _, eigvec = np.linalg.eigh(self.gram[: self.hidden_size, : self.hidden_size])
+            self._eigvec = eigvec[:, ::-1]
+        return self._eigvec[:, :k]
+
+    def reduced_cached(self, directions: int) -> "Basis":
+        """`reduced(directions)`, built once per model and shared by all requests."""
+        directions = min(directions, self.hidden_size)
+        if directions not in self._reduced:
+            self._reduced[directions] = self.reduced(directions)
+        return self._reduced[directions]
+
+    def reduced(self, directions: int) -> "Basis":
+        """Constraint reduction: keep only the top-k right singular directions of W (as the paper does).
+
+        The reduced LP drops constraints, so it is a relaxation: it may reject tokens the exact LP
+        accepts, never the reverse. Use it as a speed knob; measure the accepts it loses.
+        """
+        d = self.hidden_size
+        if not 1 <= directions <= d:
+            raise BatError(f"directions={directions} must be between 1 and the hidden size {d}")
+        if directions == d:
+            return self
+        top = self.singular_directions(directions).astype(np.float32)
+        reduced = np.empty((self.vocab_size, directions), dtype=np.float32)
+        for start in range(0, self.vocab_size, _CHUNK_ROWS):
+            np.matmul(self.W[start : start + _CHUNK_ROWS], top, out=reduced[start : start + _CHUNK_ROWS])
+        basis = Basis.__new__(Basis)
+        basis.W, basis.bias, basis.softcap = reduced, self.bias, self.softcap
+        basis.vocab_size, basis.hidden_size = reduced.shape
+        basis._derive()
+        return basis
+
+    def __repr__(self) -> str:
+        extras = "".join(
+            [", bias" if self.bias is not None else "", f", softcap={self.softcap}" if self.softcap else ""]
+        )
+        return f"Basis(vocab={self.vocab_size}, hidden={self.hidden_size}{extras})"

@@ -1,0 +1,197 @@
+"""Accept certificates, checked over the whole vocabulary with rigorous floating-point bounds.
+
+Notation (METHOD.md section 3). ``a_j = (s_j w_j, 1)`` is row j of [W, 1] (``s_j`` = 1 unless the
+model soft-caps its logits), a certificate is ``y`` in R^(d+1) and ``c = A y``. With
+``rho(t) = tau' max(t, 0) + max(-t, 0)`` and ``tau' = sigma - 1 = tau / (1 - tau)``, the *value* of y
+for token i is
+
+    value(y, i) = (p_i c_i - sum_{j != i} p_j rho(c_j)) / (p_i ||y||_inf)
+
+Token i is provably sampleable (F_i is empty) when value(y, i) > 0 for some y; its largest value over
+``||y||_inf <= 1`` is the L1 distance from the LP's right-hand side to what the box can reach
+(the "relative infeasibility" once divided by ||a_i||_1). bat-sampling accepts only when a lower
+bound of value(y, i) exceeds ``tol * ||a_i||_1``: decisions inside the solver's tolerance are
+rejects, the sound answer. Lower bounds come from:
+
+- exact products (float64, error below 1e-15 relative) for the head of the distribution and the
+  candidates;
+- for the rest, either a Cauchy-Schwarz bound from the float64 Gram matrix of [W, 1] (costs no
+  product over the vocabulary), or one float32 product over the vocabulary with the standard
+  rounding-error bound ``|fl(w.y) - w.y| <= (d + 3) u ||w|| ||y||``.
+
+Both y and -y are tried (the sign of a dual ray is a convention of the solver that produced it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .basis import Basis
+
+U32 = 2.0**-24
+U64 = 2.0**-53
+
+
+def rho(t: np.ndarray, tprime: float) -> np.ndarray:
+    return np.where(t > 0, tprime * t, -t)
+
+
+def _rho_upper(lo: np.ndarray, hi: np.ndarray, tprime: float) -> np.ndarray:
+    """max of rho over [lo, hi] (rho is convex, so at an end)."""
+    return np.maximum(rho(lo, tprime), rho(hi, tprime))
+
+
+@dataclass
+class Step:
+    """One next-token distribution and what every decision on it shares."""
+
+    basis: Basis
+    p: np.ndarray  # float64 probabilities, length v
+    tau: float
+    scale: np.ndarray | None  # soft-cap row scale s_j, or None
+    head: np.ndarray  # top tokens by probability, most probable first
+    tprime: float = field(init=False)
+    lipschitz: float = field(init=False)
+    weight_sq_total: float = field(init=False)
+    p_total: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.tprime = self.tau / (1.0 - self.tau)
+        self.lipschitz = max(self.tprime, 1.0)
+        weights = self.p if self.scale is None else self.p * self.scale
+        self.weight_sq_total = float(weights @ weights)
+        self.p_total = float(self.p.sum())
+
+    @classmethod
+    def build(cls, basis: Basis, logits, tau, head_size: int = 1024) -> "Step":
+        """`tau` is a number or a callable that computes it from the probabilities (eta needs p)."""
+        z = basis.checked_logits(logits)
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        if callable(tau):
+            tau = tau(p)
+        k = min(head_size, basis.vocab_size)
+        head = np.argpartition(-p, k - 1)[:k] if k < basis.vocab_size else np.arange(basis.vocab_size)
+        head = head[np.argsort(-p[head], kind="stable")]
+        return cls(basis, p, float(tau), basis.row_scale(z), head)
+
+    @property
+    def argmax(self) -> int:
+        return int(self.head[0])
+
+    def scale_of(self, tokens: np.ndarray) -> np.ndarray:
+        return np.ones(len(tokens)) if self.scale is None else self.scale[tokens]
+
+    def tolerance_scale(self, tokens: np.ndarray) -> np.ndarray:
+        """||a_i||_1 for each token: the unit in which the solver tolerance is measured."""
+        return self.scale_of(tokens) * self.basis.row_norm_l1[tokens] + 1.0
+
+    # ------------------------------------------------------------------ products with bounds
+    def exact_products(self, tokens: np.ndarray, Y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(c, err, u) on `tokens` for certificates Y (shape [d+1, m]), in float64.
+
+        u = W y_w (unscaled), c = s u + y_0, |c - true c| <= err."""
+        d = self.basis.hidden_size
+        u = self.basis.rows(tokens) @ Y[:d]
+        s = self.scale_of(tokens)[:, None]
+        c = s * u + Y[d]
+        yw_norm = np.linalg.norm(Y[:d], axis=0)
+        err = (d + 3) * U64 * (s * self.basis.row_norm[tokens][:, None]) * yw_norm + 4 * U64 * np.abs(c)
+        return c, err, u
+
+    def full_products(self, Y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(c, err) over the whole vocabulary from one float32 product, with a rigorous error bound."""
+        d = self.basis.hidden_size
+        u = self.basis.W @ np.ascontiguousarray(Y[:d], dtype=np.float32)
+        s = np.ones(self.basis.vocab_size) if self.scale is None else self.scale
+        c = s[:, None] * u + Y[d]
+        gamma = (d + 3) * U32 / (1.0 - (d + 3) * U32)
+        yw_norm = np.linalg.norm(Y[:d], axis=0)
+        err = gamma * (s * self.basis.row_norm)[:, None] * yw_norm + 4 * U64 * np.abs(c)
+        return c, err
+
+    # ------------------------------------------------------------------ values
+    def candidate_values(
+        self, Y: np.ndarray, candidates: np.ndarray, exact_tokens: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Cheap check: lower bounds of max(value(y, i), value(-y, i)) for each y (column of Y) and
+        candidate i, exact on the head (or `exact_tokens`) and the candidates, Cauchy-Schwarz on the rest.
+
+        Returns (lower [m, n], optimistic [m, n]). `optimistic` drops the tail bound: where it is not
+        above the tolerance, no full product can rescue that certificate."""
+        exact = self.head if exact_tokens is None else exact_tokens
+        exact = np.unique(np.concatenate([exact, candidates]))
+        c, err, u = self.exact_products(exact, Y)
+        pos = np.searchsorted(exact, candidates)
+        p_exact = self.p[exact][:, None]
+        p_cand = self.p[candidates][None, :]
+        lower = optimistic = None
+        for sign in (1.0, -1.0):
+            lo, hi = (c - err, c + err) if sign > 0 else (-c - err, -c + err)
+            rho_up = p_exact * _rho_upper(lo, hi, self.tprime)
+            others = rho_up.sum(axis=0)[:, None] * (1.0 + 4 * len(exact) * U64) - rho_up[pos].T  # j != i
+            gain = p_cand * lo[pos].T  # p_i times a lower bound of c_i
+            tail = self._tail_bound(Y, exact, u, sign)[:, None]
+            lower = np.maximum(lower, gain - others - tail) if lower is not None else gain - others - tail
+            optimistic = np.maximum(optimistic, gain - others) if optimistic is not None else gain - others
+        scale = p_cand * np.abs(Y).max(axis=0)[:, None]
+        return lower / scale, optimistic / scale
+
+    def full_candidate_values(
+        self, Y: np.ndarray, candidates: np.ndarray, exact_tokens: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Like candidate_values, with one float32 product over the whole vocabulary for the tail.
+
+        Returns (values [m, n], c [v, m]) where c is the product used (for column generation)."""
+        exact = self.head if exact_tokens is None else exact_tokens
+        exact = np.unique(np.concatenate([exact, candidates]))
+        c, err, _ = self.exact_products(exact, Y)
+        values, c_full = self.all_values(Y, exact, c, err, return_products=True)
+        return values[:, candidates], c_full
+
+    def _tail_bound(self, Y: np.ndarray, exact: np.ndarray, u_exact: np.ndarray, sign: float) -> np.ndarray:
+        """Upper bound of sum_{j not in exact} p_j rho(sign * c_j), per certificate, without touching the tail.
+
+        rho is Lipschitz (constant L = max(tau', 1)), so rho(s_j u_j + y0) <= rho(y0) + L |s_j u_j|, and
+        Cauchy-Schwarz gives sum p_j s_j |u_j| <= sqrt(sum (p_j s_j)^2) sqrt(sum u_j^2), where the tail's
+        sum of u_j^2 is y_w' G y_w minus the exact tokens' part (G = W'W in float64)."""
+        d = self.basis.hidden_size
+        gram = self.basis.gram[:d, :d]
+        yw = Y[:d]
+        total_energy = np.einsum("km,kl,lm->m", yw, gram, yw)
+        slack = 1e-9 * (np.einsum("km,kl,lm->m", np.abs(yw), np.abs(gram), np.abs(yw)) + 1e-300)
+        tail_energy = np.maximum(total_energy - (u_exact * u_exact).sum(axis=0), 0.0) + slack
+        weights = self.p[exact] * self.scale_of(exact)
+        tail_weight_sq = max(self.weight_sq_total - float(weights @ weights), 0.0) + 1e-12 * self.weight_sq_total
+        tail_mass = max(self.p_total - float(self.p[exact].sum()), 0.0) + 1e-14
+        y0 = sign * Y[d]
+        return rho(y0, self.tprime) * tail_mass + self.lipschitz * np.sqrt(tail_weight_sq * tail_energy)
+
+    def all_values(
+        self,
+        Y: np.ndarray,
+        exact: np.ndarray | None = None,
+        c_exact: np.ndarray | None = None,
+        err_exact: np.ndarray | None = None,
+        return_products: bool = False,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Lower bounds of max(value(y, i), value(-y, i)) for every token i of the vocabulary: [m, v]."""
+        if exact is None:
+            exact = self.head
+            c_exact, err_exact, _ = self.exact_products(exact, Y)
+        c, err = self.full_products(Y)
+        c[exact], err[exact] = c_exact, err_exact
+        p = self.p[:, None]
+        best = np.full(c.shape, -np.inf)
+        for sign in (1.0, -1.0):
+            lo, hi = (c - err, c + err) if sign > 0 else (-c - err, -c + err)
+            rho_up = p * _rho_upper(lo, hi, self.tprime)
+            # sum over j != i of p_j rho_j, rounded up: the float64 sum of v terms is within v*u of exact
+            total = rho_up.sum(axis=0) * (1.0 + 4 * self.basis.vocab_size * U64)
+            value = p * lo - (total[None, :] - rho_up)
+            np.maximum(best, value, out=best)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out = best / (p * np.abs(Y).max(axis=0)[None, :])
+        out[~np.isfinite(out)] = -np.inf
+        return (out.T, c) if return_products else out.T

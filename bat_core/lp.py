@@ -1,0 +1,174 @@
+"""The exact path: a restricted LP with column generation, one warm-started HiGHS model per request.
+
+For candidate i and a working set K of tokens, HiGHS solves (METHOD.md section 4, in q-space divided
+by p_i, every token outside K held at q_j = 0):
+
+    delta_K = min ||r||_1  s.t.  sum_{j in K, j != i} x_j a_j + r = a_i,  -p_j/p_i <= x_j <= tau' p_j/p_i
+
+- delta_K <= tol * ||a_i||_1: the restricted point is a feasible point of the full problem (up to that
+  residual): reject, exactly (delta <= delta_K).
+- otherwise the optimal row duals y are a certificate for K only; certify.py checks them over the whole
+  vocabulary. If they fail, the tokens that break them (largest p_j rho(c_j)) join K and HiGHS re-solves
+  from its last basis (column generation). This ends with the exact answer or, past the time budget or
+  the round limit, a conservative reject that is counted.
+
+The model keeps a column for every token it has ever used (columns of tokens outside the current K
+have bounds [0, 0]), so successive candidates and successive steps of a request only change bounds and
+the right-hand side: dual simplex restarts from the previous basis. Soft-capped models change their
+columns every step, so their model is rebuilt per step.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import highspy
+import numpy as np
+
+from .certify import Step, rho
+
+
+@dataclass
+class LPOutcome:
+    accepted: bool | None  # None: undecided (solver failure, time budget, round limit) -> caller rejects
+    y: np.ndarray | None = None  # verified accept certificate (row duals)
+    value: float = float("nan")  # lower bound of value(y, i) for an accept
+    residual: float = float("nan")  # delta_K / ||a_i||_1 for a reject
+    point: tuple[np.ndarray, np.ndarray] | None = None  # (tokens, x) of the reject certificate
+    solves: int = 0
+    rounds: int = 0
+    iterations: int = 0
+    reason: str = ""
+
+
+class RequestLP:
+    """One HiGHS model for one request, re-used across candidates and steps."""
+
+    def __init__(self, hidden_size: int, max_columns: int = 12000) -> None:
+        self.rows = hidden_size + 1
+        self.max_columns = max_columns
+        self.models_built = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.highs = highspy.Highs()
+        h = self.highs
+        h.setOptionValue("output_flag", False)
+        h.setOptionValue("presolve", "off")  # presolve would throw the warm basis away
+        h.setOptionValue("simplex_strategy", 1)  # dual simplex: bounds/rhs changes keep the basis dual feasible
+        n = self.rows
+        inf = highspy.kHighsInf
+        h.addRows(n, np.zeros(n), np.zeros(n), 0, np.array([], np.int32), np.array([], np.int32), np.array([]))
+        eye = np.arange(n, dtype=np.int32)
+        h.addCols(
+            2 * n, np.ones(2 * n), np.zeros(2 * n), np.full(2 * n, inf), 2 * n,
+            np.arange(2 * n, dtype=np.int32), np.concatenate([eye, eye]), np.concatenate([np.ones(n), -np.ones(n)]),
+        )
+        self.column_of: dict[int, int] = {}
+        self.tokens: list[int] = []
+        self.scaled_step: int | None = None
+        self.models_built += 1
+
+    @property
+    def columns(self) -> int:
+        return len(self.tokens)
+
+    def _ensure_columns(self, step: Step, tokens: np.ndarray) -> None:
+        new = [int(t) for t in tokens if int(t) not in self.column_of]
+        if not new:
+            return
+        new_arr = np.array(new)
+        d = step.basis.hidden_size
+        block = np.empty((len(new), self.rows))
+        block[:, :d] = step.basis.rows(new_arr) * step.scale_of(new_arr)[:, None]
+        block[:, d] = 1.0
+        n = len(new)
+        self.highs.addCols(
+            n, np.zeros(n), np.zeros(n), np.zeros(n), n * self.rows,
+            (np.arange(n) * self.rows).astype(np.int32),
+            np.tile(np.arange(self.rows, dtype=np.int32), n), block.ravel(),
+        )
+        first = 2 * self.rows + len(self.tokens)
+        for k, t in enumerate(new):
+            self.column_of[t] = first + k
+        self.tokens.extend(new)
+
+    def solve(
+        self,
+        step: Step,
+        step_id: int,
+        candidate: int,
+        working: np.ndarray,
+        tol: float,
+        deadline: float,
+        max_rounds: int = 8,
+        grow: int = 512,
+    ) -> LPOutcome:
+        """Decide one candidate exactly (column generation until proven or out of budget)."""
+        if step.scale is not None and self.scaled_step != step_id:
+            self._reset()  # soft-capped columns depend on the step's logits
+            self.scaled_step = step_id
+        if self.columns + len(working) > self.max_columns:
+            self._reset()
+        outcome = LPOutcome(accepted=None)
+        working = np.setdiff1d(np.unique(working), [candidate])
+        cand = np.array([candidate])
+        a_norm = float(step.tolerance_scale(cand)[0])
+        p_i = step.p[candidate]
+        rhs = np.append(step.basis.rows(cand)[0] * step.scale_of(cand)[0], 1.0)
+        h = self.highs
+        h.changeRowsBounds(self.rows, np.arange(self.rows, dtype=np.int32), rhs, rhs)
+        for round_ in range(max_rounds):
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                outcome.reason = "time budget"
+                return outcome
+            self._ensure_columns(step, np.append(working, candidate))
+            cols = np.fromiter((self.column_of[int(t)] for t in self.tokens), np.int32, len(self.tokens))
+            toks = np.array(self.tokens)
+            active = np.isin(toks, working)
+            ratio = np.where(active, step.p[toks] / p_i, 0.0)
+            h.changeColsBounds(len(cols), cols, -ratio, step.tprime * ratio)
+            h.setOptionValue("time_limit", h.getRunTime() + max(remaining, 1e-3))  # HiGHS counts from its creation
+            h.run()
+            outcome.solves += 1
+            outcome.rounds = round_ + 1
+            info = h.getInfo()
+            outcome.iterations += int(info.simplex_iteration_count)
+            if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
+                outcome.reason = h.modelStatusToString(h.getModelStatus())
+                return outcome
+            delta = float(info.objective_function_value) / a_norm
+            solution = h.getSolution()
+            if delta <= tol:
+                x = np.asarray(solution.col_value)[cols]
+                outcome.accepted, outcome.residual = False, delta
+                outcome.point = (toks[active], x[active])
+                return outcome
+            y = np.asarray(solution.row_dual, dtype=np.float64)[:, None]
+            value = step.candidate_values(y, cand, exact_tokens=working)[0][0, 0]
+            if value <= tol * a_norm:
+                full_values, c = self._full_check(step, y, cand, working)
+                value = full_values
+                if value <= tol * a_norm:
+                    # add the tokens that break the certificate, then re-solve from the current basis
+                    sign = 1.0 if c[candidate] > 0 else -1.0
+                    cost = step.p * rho(sign * c, step.tprime)
+                    cost[working] = -1.0
+                    cost[candidate] = -1.0
+                    k = min(grow, int((cost > 0).sum()))
+                    if k == 0:
+                        outcome.reason = "no column left to add"
+                        return outcome
+                    add = np.argpartition(-cost, k - 1)[:k]
+                    working = np.union1d(working, add)
+                    continue
+            outcome.accepted, outcome.y, outcome.value = True, y[:, 0], value
+            return outcome
+        outcome.reason = "round limit"
+        return outcome
+
+    @staticmethod
+    def _full_check(step: Step, y: np.ndarray, cand: np.ndarray, working: np.ndarray) -> tuple[float, np.ndarray]:
+        values, c = step.full_candidate_values(y, cand, exact_tokens=np.union1d(working, step.head))
+        return float(values[0, 0]), c[:, 0]

@@ -1,0 +1,162 @@
+"""Per-request BAT sampling: the paper's sampler and the mask mode.
+
+- ``sample``: draw from p_hat without replacement; take the first token that passes the threshold or
+  has an accept certificate; after `max_rejections` rejections take the argmax (Finlayson et al.).
+  The request's own seeded generator makes a seed reproduce the output.
+- ``mask``: a sound accepted set over the whole vocabulary: tokens at or above tau, the argmax, and
+  every sub-threshold token proven within a time budget (most probable first; one certificate can
+  prove many tokens at once). The mass left undecided is reported; undecided tokens are not in the mask.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .basis import Basis
+from .errors import BatError
+from .solver import BatConfig, BatSolver, Decision
+from .thresholds import ThresholdRule
+
+MODES = ("sample", "mask")
+
+
+@dataclass
+class SampleResult:
+    token: int
+    tau: float
+    probability: float
+    decisions: list[Decision] = field(default_factory=list)  # one per draw, in order
+    fell_back_to_argmax: bool = False
+
+    @property
+    def below_tau(self) -> bool:
+        return self.probability < self.tau
+
+
+@dataclass
+class MaskResult:
+    mask: np.ndarray  # bool, length v: True = may be sampled (proven, or >= tau, or the argmax)
+    tau: float
+    accepted_below_tau: int
+    rejected: int
+    undecided: int
+    undecided_mass: float
+    threshold_mass: float  # mass the plain threshold rule keeps
+    mask_mass: float  # mass BAT keeps
+
+
+class BatSampler:
+    """BAT for one request: threshold rule, mode, seed, warm HiGHS model and statistics."""
+
+    def __init__(
+        self,
+        basis: Basis,
+        rule: ThresholdRule,
+        seed: int | None = None,
+        config: BatConfig | None = None,
+        max_rejections: int = 10,
+        mask_budget: float = 0.05,
+    ) -> None:
+        if not isinstance(rule, ThresholdRule):
+            raise BatError("rule must be a ThresholdRule, e.g. ThresholdRule('eta', 0.0009)")
+        if max_rejections < 0:
+            raise BatError(f"max_rejections={max_rejections} must be >= 0")
+        if not mask_budget > 0:
+            raise BatError(f"mask_budget={mask_budget} must be a positive number of seconds")
+        self.basis = basis
+        self.rule = rule
+        self.solver = BatSolver(basis, config)
+        self.rng = np.random.default_rng(seed)
+        self.max_rejections = max_rejections
+        self.mask_budget = mask_budget
+
+    @property
+    def stats(self):
+        return self.solver.stats
+
+    def sample(self, logits: Any) -> SampleResult:
+        """One token by the paper's sampler, on the model's raw (temperature 1) logits."""
+        step = self.solver.new_step(logits, self.rule)
+        cdf = np.cumsum(step.p)
+        total = cdf[-1]
+        removed: set[int] = set()
+        result = SampleResult(-1, step.tau, 0.0)
+        while len(result.decisions) < self.max_rejections:
+            token = self._draw(cdf, total, removed)
+            if token is None:
+                break
+            decision = self.solver.decide(step, [token])[0]
+            result.decisions.append(decision)
+            if decision.accepted:
+                result.token, result.probability = token, float(step.p[token])
+                return result
+            removed.add(token)
+        result.token, result.probability = step.argmax, float(step.p[step.argmax])
+        result.fell_back_to_argmax = True
+        return result
+
+    def _draw(self, cdf: np.ndarray, total: float, removed: set[int]) -> int | None:
+        """A draw from p without the removed tokens (rejection on the removed set = sampling without
+        replacement)."""
+        left = total - sum(float(cdf[t] - (cdf[t - 1] if t else 0.0)) for t in removed)
+        if left <= total * 1e-12:
+            return None
+        for _ in range(10_000):
+            token = int(np.searchsorted(cdf, self.rng.random() * total, side="right"))
+            token = min(token, len(cdf) - 1)
+            if token not in removed:
+                return token
+        return None
+
+    def mask(self, logits: Any, budget: float | None = None) -> MaskResult:
+        """The proven accepted set over the whole vocabulary within `budget` seconds."""
+        start = time.perf_counter()
+        deadline = start + (self.mask_budget if budget is None else budget)
+        solver = self.solver
+        step = solver.new_step(logits, self.rule)
+        p = step.p
+        mask = p >= step.tau
+        mask[step.argmax] = True
+        rejected = np.zeros_like(mask)
+        below = np.flatnonzero(~mask)
+        below = below[np.argsort(-p[below], kind="stable")]
+        scale = step.tolerance_scale(np.arange(len(p)))
+        tol = solver.config.tol * scale
+        # certificates the request already holds may prove many tokens with one product
+        cached = solver.cached_certificates()
+        if cached:
+            mask |= (step.all_values(np.column_stack(cached)) > tol[None, :]).any(axis=0)
+        cursor = 0
+        while time.perf_counter() < deadline:
+            while cursor < len(below) and (mask[below[cursor]] or rejected[below[cursor]]):
+                cursor += 1
+            if cursor == len(below):
+                break
+            token = int(below[cursor])
+            decision = solver.decide(step, [token], deadline=deadline)[0]
+            cert = decision.certificate
+            if decision.accepted:
+                mask[token] = True
+                if cert is not None:
+                    mask |= step.all_values(cert.y[:, None])[0] > tol
+            else:
+                rejected[token] = True
+                if cert is not None:  # the same feasible point rejects every token it leaves at zero
+                    zeros = cert.zero_tokens(p)
+                    zeros = zeros[~mask[zeros] & (cert.residual_l1 <= tol[zeros] * p[zeros])]
+                    rejected[zeros] = True
+        undecided = ~mask & ~rejected
+        threshold_mass = float(p[p >= step.tau].sum())
+        return MaskResult(
+            mask=mask,
+            tau=step.tau,
+            accepted_below_tau=int((mask & (p < step.tau)).sum()),
+            rejected=int(rejected.sum()),
+            undecided=int(undecided.sum()),
+            undecided_mass=float(p[undecided].sum()),
+            threshold_mass=threshold_mass,
+            mask_mass=float(p[mask].sum()),
+        )

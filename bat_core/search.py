@@ -1,0 +1,52 @@
+"""Cheap accept certificates from the regression view (METHOD.md sections 3 and 6).
+
+Token i is accepted when some c = A y with c_i = 1 has sum_{j != i} p_j rho(c_j) < p_i. A quadratic
+surrogate of that cost, with the head of the distribution weighted by p_j and the rest of the
+vocabulary by a ridge in the metric of the Gram matrix of A (the Cauchy-Schwarz tail bound of
+certify.py), gives a closed form: y = G^-1 a_i / (a_i' G^-1 a_i). In whitened coordinates
+(b_j = L^-1 a_j, L L' = A'A) the ridge is mu * I and Woodbury's identity makes the per-step work a
+K x K Cholesky (K = head size) and the per-candidate work a few (d+1)-vectors. Whatever this finds is
+only a candidate: certify.py proves it or discards it.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .certify import Step
+
+
+class WeightedLeastSquares:
+    """Per-step factorization; `directions(candidates)` gives one certificate candidate per token."""
+
+    def __init__(self, step: Step, head_size: int = 256, ridge: float | None = None) -> None:
+        basis = step.basis
+        self.step = step
+        self.chol_inv, white = basis.whitening()
+        head = step.head[: min(head_size, len(step.head))]
+        self.B = self._whitened_rows(head, white)  # [K, d+1]
+        weights = step.p[head]
+        tail_mass = max(1.0 - float(weights.sum()), 1e-12)
+        # ridge ~ weight of a typical tail token, times the tail's size in the Cauchy-Schwarz sense
+        self.mu = ridge if ridge is not None else max(tail_mass / np.sqrt(basis.vocab_size), 1e-12)
+        kernel = self.B @ self.B.T
+        kernel[np.diag_indices_from(kernel)] += self.mu / np.maximum(weights, 1e-300)
+        self.kernel_chol = np.linalg.cholesky(kernel)
+
+    def _whitened_rows(self, tokens: np.ndarray, white: np.ndarray) -> np.ndarray:
+        step = self.step
+        if step.scale is None:
+            return white[tokens].astype(np.float64)
+        d = step.basis.hidden_size
+        scaled = step.basis.rows(tokens) * step.scale[tokens][:, None]
+        return scaled @ self.chol_inv.T[:d] + self.chol_inv.T[d]
+
+    def directions(self, candidates: np.ndarray) -> np.ndarray:
+        """Certificate candidates, one column per token, scaled so that c_i = 1: shape [d+1, n]."""
+        _, white = self.step.basis.whitening()
+        b = self._whitened_rows(candidates, white).T  # [d+1, n]
+        inner = np.linalg.solve(self.kernel_chol, self.B @ b)
+        inner = np.linalg.solve(self.kernel_chol.T, inner)
+        z = (b - self.B.T @ inner) / self.mu
+        y = self.chol_inv.T @ z
+        c_i = np.einsum("kn,kn->n", b, z)  # a_i . y = b_i . z
+        return y / c_i

@@ -1,0 +1,69 @@
+"""Threshold rules that give the base threshold tau of BAT (vectorized over rows of probabilities)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import BatError
+
+RULES = ("eta", "epsilon", "tau")
+
+
+@dataclass(frozen=True)
+class ThresholdRule:
+    """A base truncation rule.
+
+    - ``eta``: tau = min(eps, sqrt(eps) * exp(-H(p))), H the entropy in nats (Hewitt et al. 2022).
+    - ``epsilon``: tau = eps.
+    - ``tau``: a fixed threshold.
+    """
+
+    kind: str
+    value: float
+
+    def __post_init__(self) -> None:
+        if self.kind not in RULES:
+            raise BatError(f"unknown threshold rule {self.kind!r}: use one of {', '.join(RULES)}")
+        value = self.value
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+            raise BatError(f"{self.kind} must be a number, got {value!r}")
+        if not math.isfinite(float(value)) or not 0.0 < float(value) < 1.0:
+            raise BatError(
+                f"{self.kind}={value!r} is out of range: it must lie strictly between 0 and 1 "
+                "(typical values: eta 0.0009, epsilon 0.0003, tau 0.02)"
+            )
+        object.__setattr__(self, "value", float(value))
+
+    def tau(self, probs: np.ndarray) -> np.ndarray | float:
+        """Threshold for each row of ``probs`` (shape [v] gives a float, [n, v] gives shape [n])."""
+        p = np.asarray(probs, dtype=np.float64)
+        if self.kind != "eta":
+            return self.value if p.ndim == 1 else np.full(p.shape[0], self.value)
+        return eta_threshold(p, self.value)
+
+
+def entropy(probs: np.ndarray) -> np.ndarray | float:
+    """Shannon entropy in nats along the last axis (0 log 0 = 0)."""
+    p = np.asarray(probs, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)
+    h = -terms.sum(axis=-1)
+    return float(h) if np.ndim(h) == 0 else h
+
+
+def eta_threshold(probs: np.ndarray, eps: float) -> np.ndarray | float:
+    h = entropy(probs)
+    tau = np.minimum(eps, math.sqrt(eps) * np.exp(-np.asarray(h)))
+    return float(tau) if np.ndim(tau) == 0 else tau
+
+
+def truncate_mask(probs: np.ndarray, tau: np.ndarray | float) -> np.ndarray:
+    """The plain threshold rule: keep p >= tau, and always the argmax (vectorized over rows)."""
+    p = np.asarray(probs, dtype=np.float64)
+    t = np.asarray(tau, dtype=np.float64)
+    keep = p >= (t[..., None] if t.ndim else t)
+    top = np.argmax(p, axis=-1)
+    np.put_along_axis(keep, np.asarray(top)[..., None] if p.ndim > 1 else np.array([top]), True, axis=-1)
+    return keep
