@@ -256,7 +256,7 @@ class BatSolver:
             return None
         small = Step(reduced, step.p, step.tau, step.scale, step.head)
         if self._search_lp is None:
-            self._search_lp = RequestLP(reduced.hidden_size, max_columns=4 * cfg.search_columns)
+            self._search_lp = RequestLP(reduced.hidden_size, max_columns=2 * cfg.search_columns)
         k = reduced.hidden_size
         directions = self.basis.singular_directions(k)
         columns = []
@@ -272,7 +272,7 @@ class BatSolver:
     def _exact(self, step: Step, token: int, start: float) -> Decision:
         cfg = self.config
         if self._lp is None:
-            self._lp = RequestLP(self.basis.hidden_size)
+            self._lp = RequestLP(self.basis.hidden_size, max_columns=4 * cfg.lp_columns)
         deadline = max(self._deadline, time.perf_counter() + 1e-3)
         outcome = self._lp.solve(
             step, self._step_id, token, step.head[: cfg.lp_columns], cfg.tol, deadline, max_rounds=cfg.lp_max_rounds

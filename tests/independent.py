@@ -46,3 +46,4 @@ def check_reject(A: np.ndarray, p: np.ndarray, tau: float, token: int, support, 
     residual = np.abs(A.T @ q_full).sum()
     limit = tol * p[token] * np.abs(A[token]).sum()
     assert residual <= limit * (1 + 1e-6) + 1e-15, f"reject point residual {residual} > {limit}"
+

@@ -1,0 +1,173 @@
+"""Core benchmark: exact BAT decisions on real next-token distributions, fast path vs. reference.
+
+    python benchmarks/bench_core.py --model smollm2 --candidates 200 --reference 20
+
+For each setting (eta eps=0.0009; fixed tau=0.1) it draws sub-threshold candidates as the sampler meets
+them (from p_hat restricted to p < tau) on trajectories sampled from the model in llama.cpp, decides
+them with the fast path (one BatSolver per trajectory, warm across steps, as a request would), and
+decides the first --reference of them with the dense reference LP. Prints a table, writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path[:0] = [os.path.join(os.path.dirname(__file__), "..", "adapters"), os.path.join(os.path.dirname(__file__), "..")]
+
+import bat_core  # noqa: E402
+from bat_core.reference import reference_decide_with_deadline  # noqa: E402
+from bat_llamacpp.gguf_weights import read_output_layer  # noqa: E402
+from bat_llamacpp.models import gemma3_270m_path, smollm2_path  # noqa: E402
+from bat_llamacpp.trajectories import load_llama, sampled_logits  # noqa: E402
+
+PROMPTS = [
+    "Once upon a time", "The capital of France is", "def fibonacci(n):", "In 1905, Albert Einstein published",
+    "My favourite food is", "The weather today", "Dear hiring manager,", "The mitochondria is",
+    "To bake bread, first", "The stock market", "She opened the door and", "import numpy as np\n",
+    "The history of Rome", "Water boils at", "Q: What is the tallest mountain?\nA:", "The best way to learn",
+    "In the beginning", "Breaking news:", "The recipe calls for", "He looked at the sky and",
+]
+
+
+def settings():
+    eta = bat_core.ThresholdRule("eta", 0.0009)
+    return {"eta_0.0009": eta.tau, "tau_0.1": lambda p: 0.1}
+
+
+def model_path(name: str) -> str:
+    return {"smollm2": smollm2_path, "gemma3": gemma3_270m_path}.get(name, lambda: name)()
+
+
+def percentile(values, q):
+    return float(np.percentile(values, q)) if len(values) else float("nan")
+
+
+def run(args) -> dict:
+    path = model_path(args.model)
+    t0 = time.perf_counter()
+    layer = read_output_layer(path)
+    basis = bat_core.Basis(layer.W, bias=layer.bias, softcap=layer.softcap)
+    basis.whitening()
+    basis.reduced_cached(bat_core.BatConfig().search_directions)
+    setup_s = time.perf_counter() - t0
+    print(f"model {os.path.basename(path)}: v={basis.vocab_size} d={basis.hidden_size}, basis set-up {setup_s:.1f}s", flush=True)
+    llm = load_llama(path)
+    steps = max(1, int(np.ceil(args.candidates / len(PROMPTS))))
+    logits = sampled_logits(llm, PROMPTS, steps=steps, seed=args.seed)
+    del llm
+    report = {"model": os.path.basename(path), "vocab": basis.vocab_size, "hidden": basis.hidden_size,
+              "basis_setup_s": setup_s, "settings": {}}
+    rng = np.random.default_rng(args.seed)
+    config = bat_core.BatConfig(time_budget=args.time_budget)
+    report["time_budget_s"] = args.time_budget
+    for name, tau_of in settings().items():
+        rows = []
+        for traj in range(len(PROMPTS)):
+            solver = bat_core.BatSolver(basis, config)  # one request per trajectory: warm model, certificate cache
+            reduced_solver = bat_core.BatSolver(basis.reduced_cached(args.directions)) if args.directions else None
+            for k in range(steps):
+                z = logits[traj * steps + k]
+                step = solver.new_step(z, tau_of)
+                below = np.flatnonzero(step.p < step.tau)
+                below = below[below != step.argmax]
+                if below.size == 0:
+                    continue
+                token = int(rng.choice(below, p=step.p[below] / step.p[below].sum()))
+                start = time.perf_counter()
+                decision = solver.decide(step, [token])[0]
+                row = {"row": traj * steps + k, "token": token, "p": float(step.p[token]), "tau": step.tau,
+                       "accepted": decision.accepted, "method": decision.method,
+                       "seconds": time.perf_counter() - start}
+                if reduced_solver is not None:
+                    start = time.perf_counter()
+                    small = reduced_solver.decide(reduced_solver.new_step(z, tau_of), [token])[0]
+                    row.update(reduced_accepted=small.accepted, reduced_seconds=time.perf_counter() - start)
+                rows.append(row)
+            if len(rows) >= args.candidates:
+                break
+        rows = rows[: args.candidates]
+        ref_rows = []
+        for i, row in enumerate(rows[: args.reference]):
+            started = time.perf_counter()
+            ref = reference_decide_with_deadline(basis, logits[row["row"]], row["token"], row["tau"], args.reference_limit)
+            if ref is None:
+                row.update(ref_accepted=None, ref_seconds=time.perf_counter() - started, ref_status="time limit",
+                           ref_relative_infeasibility=None)
+            else:
+                row.update(ref_accepted=ref.accepted, ref_seconds=ref.seconds, ref_status=ref.status,
+                           ref_relative_infeasibility=ref.relative_infeasibility)
+            ref_rows.append(row)
+            print(f"  [{name}] reference {i + 1}/{min(args.reference, len(rows))}: {row['ref_seconds']:.1f}s"
+                  f" {row['ref_status']}", flush=True)
+        fast = [r["seconds"] for r in rows]
+        methods = {m: sum(r["method"] == m for r in rows) for m in ("certificate", "lp", "fallback", "resolution")}
+        summary = {
+            "candidates": len(rows),
+            "fast_median_ms": 1e3 * percentile(fast, 50), "fast_p99_ms": 1e3 * percentile(fast, 99),
+            "accepted": sum(r["accepted"] for r in rows), "rejected": sum(not r["accepted"] for r in rows),
+            "by_method": methods,
+            "reference_decisions": len(ref_rows),
+            # reference runs cut at the limit count at the limit: the true medians are at least these
+            "reference_median_s": percentile([r["ref_seconds"] for r in ref_rows], 50),
+            "reference_p99_s": percentile([r["ref_seconds"] for r in ref_rows], 99),
+            "reference_timeouts": sum(r["ref_status"] != "Optimal" for r in ref_rows),
+            "agreement_pct": 100.0 * np.mean([r["accepted"] == r["ref_accepted"] for r in ref_rows if r["ref_status"] == "Optimal"])
+            if any(r["ref_status"] == "Optimal" for r in ref_rows) else float("nan"),
+        }
+        if args.directions:
+            summary["reduced"] = {
+                "directions": args.directions,
+                "median_ms": 1e3 * percentile([r["reduced_seconds"] for r in rows], 50),
+                "accepts_lost": sum(r["accepted"] and not r["reduced_accepted"] for r in rows),
+                "accepts_gained": sum(r["reduced_accepted"] and not r["accepted"] for r in rows),
+            }
+        if ref_rows:
+            summary["speedup_median"] = summary["reference_median_s"] * 1e3 / summary["fast_median_ms"]
+        report["settings"][name] = {"summary": summary, "rows": rows}
+        print_table(name, summary)
+    return report
+
+
+def print_table(name: str, s: dict) -> None:
+    m = s["by_method"]
+    print(f"\n== {name}: {s['candidates']} sub-threshold candidates")
+    print(f"  fast path      median {s['fast_median_ms']:8.1f} ms   p99 {s['fast_p99_ms']:8.1f} ms")
+    print(f"  reference      median {s['reference_median_s'] * 1e3:8.1f} ms   p99 {s['reference_p99_s'] * 1e3:8.1f} ms"
+          f"   ({s['reference_decisions']} decisions, {s['reference_timeouts']} past the limit)")
+    if "speedup_median" in s:
+        print(f"  speed-up at the median: {s['speedup_median']:.0f}x   agreement {s['agreement_pct']:.1f}%")
+    if "reduced" in s:
+        r = s["reduced"]
+        print(f"  reduced to {r['directions']} directions: median {r['median_ms']:.1f} ms, accepts lost {r['accepts_lost']},"
+              f" gained {r['accepts_gained']} (must be 0)")
+    print(f"  accepted {s['accepted']}  rejected {s['rejected']}   by certificate {m['certificate']}  by LP {m['lp']}"
+          f"  fallback {m['fallback']}  below resolution {m['resolution']}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2", help="smollm2, gemma3, or a GGUF path")
+    parser.add_argument("--candidates", type=int, default=200)
+    parser.add_argument("--reference", type=int, default=20, help="how many candidates the reference LP decides too")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--time-budget", type=float, default=bat_core.BatConfig().time_budget,
+                        help="seconds per exact decision before the conservative reject")
+    parser.add_argument("--reference-limit", type=float, default=120.0, help="HiGHS time limit of each reference LP")
+    parser.add_argument("--directions", type=int, default=0, help="also decide with constraint reduction to k directions")
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/core_<model>.json)")
+    args = parser.parse_args()
+    report = run(args)
+    out = args.out or os.path.join(os.path.dirname(__file__), "results", f"core_{os.path.basename(args.model)}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as handle:
+        json.dump(report, handle, indent=1)
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

