@@ -36,8 +36,9 @@ class BatConfig:
     time_budget: float = 2.0  # seconds per exact decision before the conservative reject
     head_size: int = 1024  # tokens whose products are computed exactly in float64
     lsq_head: int = 256  # tokens weighted in the least-squares certificate search
-    search_directions: int = 32  # singular directions of the small search LP (0: off)
-    search_columns: int = 1024  # tokens in the small search LP
+    search_levels: tuple[int, ...] = (32, 128)  # singular directions of the search LPs (() turns them off)
+    search_columns: int = 1024  # initial tokens in a search LP
+    search_rounds: int = 4  # column-generation rounds of a search LP
     lp_columns: int = 1024  # initial working set of the exact LP
     lp_max_rounds: int = 12  # column-generation rounds before a fallback
     cache_size: int = 16  # recent certificates re-tried on new candidates
@@ -50,7 +51,10 @@ class BatConfig:
             raise BatError(f"tol={self.tol} must lie in [1e-12, 1e-2] (default 1e-6)")
         if not self.time_budget > 0:
             raise BatError(f"time_budget={self.time_budget} must be a positive number of seconds")
-        for name in ("head_size", "lsq_head", "search_columns", "lp_columns", "lp_max_rounds"):
+        self.search_levels = tuple(int(k) for k in self.search_levels)
+        if any(k < 1 for k in self.search_levels):
+            raise BatError(f"search_levels={self.search_levels} must be positive numbers of directions")
+        for name in ("head_size", "lsq_head", "search_columns", "search_rounds", "lp_columns", "lp_max_rounds"):
             if int(getattr(self, name)) < 1:
                 raise BatError(f"{name} must be a positive integer")
 
@@ -124,7 +128,7 @@ class BatSolver:
         self.stats = BatStats()
         self._cache: deque[np.ndarray] = deque(maxlen=self.config.cache_size)
         self._lp: RequestLP | None = None
-        self._search_lp: RequestLP | None = None
+        self._search_lps: dict[int, RequestLP] = {}
         self._step_id = 0
         self._rejects: list[RejectCertificate] = []
         self._deadline = 0.0
@@ -205,9 +209,12 @@ class BatSolver:
         for t, cert in self._certify(step, pending, self._candidate_directions(step, pending)).items():
             out[t] = Decision(t, True, "certificate", cert)
         pending = np.array([t for t in pending if int(t) not in out], dtype=np.int64)
-        # 2. the dual of a small LP over the top singular directions of W
-        if len(pending) and cfg.search_directions > 0:
-            Y = self._search_directions(step, pending, start)
+        # 2. exact LPs of the problem reduced to the top-k singular directions of W, k growing: a relaxation,
+        #    so only their accept certificates count (proven again on the full problem)
+        for k in cfg.search_levels:
+            if not len(pending) or k >= self.basis.hidden_size:
+                break
+            Y = self._search_directions(step, pending, k)
             if Y is not None:
                 for t, cert in self._certify(step, pending, Y).items():
                     out[t] = Decision(t, True, "certificate", cert)
@@ -247,25 +254,25 @@ class BatSolver:
         if not any(np.array_equal(y, old) for old in self._cache):
             self._cache.appendleft(y)
 
-    def _search_directions(self, step: Step, pending: np.ndarray, start: float) -> np.ndarray | None:
-        """Row duals of the L1 LP reduced to the top-k singular directions of W (a relaxation, so its
-        duals are only candidates), mapped back to R^(d+1)."""
+    def _search_directions(self, step: Step, pending: np.ndarray, k: int) -> np.ndarray | None:
+        """Accept certificates of the L1 LP reduced to the top-k singular directions of W (column
+        generation included), mapped back to R^(d+1); None when it proves nothing."""
         cfg = self.config
-        reduced = self.basis.reduced_cached(cfg.search_directions)
-        if reduced is self.basis:
-            return None
+        reduced = self.basis.reduced_cached(k)
         small = Step(reduced, step.p, step.tau, step.scale, step.head)
-        if self._search_lp is None:
-            self._search_lp = RequestLP(reduced.hidden_size, max_columns=2 * cfg.search_columns)
-        k = reduced.hidden_size
+        if k not in self._search_lps:
+            self._search_lps[k] = RequestLP(reduced.hidden_size, max_columns=4 * cfg.search_columns)
+        lp = self._search_lps[k]
         directions = self.basis.singular_directions(k)
         columns = []
-        deadline = self._deadline
         for t in pending:
-            outcome = self._search_lp.solve(
-                small, self._step_id, int(t), step.head[: cfg.search_columns], cfg.tol, deadline, max_rounds=1
+            outcome = lp.solve(
+                small, self._step_id, int(t), step.head[: cfg.search_columns], cfg.tol, self._deadline,
+                max_rounds=cfg.search_rounds,
             )
-            if outcome.y is not None:
+            self.stats.lp_solves += outcome.solves
+            self.stats.lp_iterations += outcome.iterations
+            if outcome.accepted:
                 columns.append(np.append(directions @ outcome.y[:k], outcome.y[k]))
         return np.column_stack(columns) if columns else None
 

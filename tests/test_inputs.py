@@ -102,3 +102,10 @@ def test_one_request_failing_leaves_another_intact():
     reference = bat_core.BatSampler(basis, bat_core.ThresholdRule("tau", 0.05), seed=3)
     assert reference.sample(LOGITS).token == first
     assert good.sample(LOGITS).token == reference.sample(LOGITS).token
+
+
+def test_torch_input_when_torch_is_installed():
+    torch = pytest.importorskip("torch")
+    expected = bat_core.decide(W, LOGITS, list(range(10)), 0.05)
+    got = bat_core.decide(torch.from_numpy(W), torch.from_numpy(LOGITS), list(range(10)), 0.05)
+    assert got.tolist() == expected.tolist()
