@@ -179,7 +179,7 @@ class BatSolver:
             else:
                 pending.append(t)
         if pending:
-            decisions.update(self._decide_below_tau(step, np.array(pending), start))
+            decisions.update(self._decide_below_tau(step, np.array(pending)))
         out = [decisions[int(t)] for t in tokens]
         self._count(out, time.perf_counter() - start)
         return out
@@ -202,13 +202,22 @@ class BatSolver:
             raise BatError(f"candidate token ids must lie in [0, {self.basis.vocab_size}); got {tokens.min()}..{tokens.max()}")
         return tokens.astype(np.int64)
 
-    def _decide_below_tau(self, step: Step, pending: np.ndarray, start: float) -> dict[int, Decision]:
+    def _decide_below_tau(self, step: Step, pending: np.ndarray) -> dict[int, Decision]:
         cfg = self.config
         out: dict[int, Decision] = {}
-        # 1. cheap certificates: cached ones and least-squares directions, exact head + tail bound
-        for t, cert in self._certify(step, pending, self._candidate_directions(step, pending)).items():
-            out[t] = Decision(t, True, "certificate", cert)
-        pending = np.array([t for t in pending if int(t) not in out], dtype=np.int64)
+        # 1. cheap certificates: the request's recent ones first (no factorization needed), then the
+        #    least-squares directions for what they leave
+        sources = [lambda todo: np.column_stack(list(self._cache)) if self._cache else None,
+                   lambda todo: WeightedLeastSquares(step, head_size=cfg.lsq_head).directions(todo)]
+        for source in sources:
+            if not len(pending):
+                break
+            Y = source(pending)
+            if Y is None:
+                continue
+            for t, cert in self._certify(step, pending, Y).items():
+                out[t] = Decision(t, True, "certificate", cert)
+            pending = np.array([t for t in pending if int(t) not in out], dtype=np.int64)
         # 2. exact LPs of the problem reduced to the top-k singular directions of W, k growing: a relaxation,
         #    so only their accept certificates count (proven again on the full problem)
         for k in cfg.search_levels:
@@ -221,14 +230,8 @@ class BatSolver:
                 pending = np.array([t for t in pending if int(t) not in out], dtype=np.int64)
         # 3. the exact LP, candidate by candidate, under the time budget
         for t in pending:
-            out[int(t)] = self._exact(step, int(t), start)
+            out[int(t)] = self._exact(step, int(t))
         return out
-
-    def _candidate_directions(self, step: Step, pending: np.ndarray) -> np.ndarray:
-        directions = list(self._cache)
-        lsq = WeightedLeastSquares(step, head_size=self.config.lsq_head).directions(pending)
-        Y = np.column_stack(directions + [lsq]) if directions else lsq
-        return Y
 
     def _certify(self, step: Step, pending: np.ndarray, Y: np.ndarray) -> dict[int, AcceptCertificate]:
         """Prove what the certificate candidates Y can prove for `pending`: cheap bound first, then one
@@ -276,7 +279,7 @@ class BatSolver:
                 columns.append(np.append(directions @ outcome.y[:k], outcome.y[k]))
         return np.column_stack(columns) if columns else None
 
-    def _exact(self, step: Step, token: int, start: float) -> Decision:
+    def _exact(self, step: Step, token: int) -> Decision:
         cfg = self.config
         if self._lp is None:
             self._lp = RequestLP(self.basis.hidden_size, max_columns=4 * cfg.lp_columns)
