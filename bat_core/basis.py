@@ -140,6 +140,40 @@ class Basis:
         step = solver.new_step(logits, tau)
         return np.array([d.accepted for d in solver.decide(step, token_ids)], dtype=bool)
 
+    def prepare(self, config: Any = None) -> None:
+        """Build now what decisions build lazily (whitening, the reduced bases of the search LPs), so
+        that the first request does not pay for it. Optional."""
+        from .solver import BatConfig
+
+        config = config or BatConfig()
+        self.whitening()
+        for k in config.search_levels:
+            if k < self.hidden_size:
+                self.reduced_cached(k).whitening()
+
+    def span_residual(self, logits: Any) -> float:
+        """Relative distance of one row of logits from the span of [W, 1] (METHOD.md section 5).
+
+        About 1e-6 (float32 rounding) when W produced these logits; of order 1 for a wrong matrix, a
+        shuffled vocabulary or logits changed by a bias/penalty processor. Soft-capped logits are first
+        mapped back through the cap."""
+        z = self.checked_logits(logits)
+        if self.softcap is not None:
+            z = self.softcap * np.arctanh(np.clip(z / self.softcap, -1 + 1e-7, 1 - 1e-7))
+        if self.bias is not None:
+            z = z - self.bias
+        d = self.hidden_size
+        rhs = np.zeros(d + 1)
+        for start in range(0, self.vocab_size, _CHUNK_ROWS):  # float64 without a v x d float64 copy
+            rhs[:d] += self.W[start : start + _CHUNK_ROWS].astype(np.float64).T @ z[start : start + _CHUNK_ROWS]
+        rhs[d] = z.sum()
+        x = np.linalg.lstsq(self.gram, rhs, rcond=1e-13)[0]
+        fitted = np.empty_like(z)
+        for start in range(0, self.vocab_size, _CHUNK_ROWS):
+            fitted[start : start + _CHUNK_ROWS] = self.W[start : start + _CHUNK_ROWS].astype(np.float64) @ x[:d] + x[d]
+        centred = z - z.mean()
+        return float(np.linalg.norm(z - fitted) / max(np.linalg.norm(centred), 1e-30))
+
     # ----------------------------------------------------------------- helpers for the core
     def rows(self, token_ids: np.ndarray) -> np.ndarray:
         """Rows of W for token_ids as float64 (a small gather)."""

@@ -23,6 +23,7 @@ Both y and -y are tried (the sign of a dual ray is a convention of the solver th
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,7 +51,7 @@ class Step:
     p: np.ndarray  # float64 probabilities, length v
     tau: float
     scale: np.ndarray | None  # soft-cap row scale s_j, or None
-    head: np.ndarray  # top tokens by probability, most probable first
+    head_size: int = 1024
     tprime: float = field(init=False)
     lipschitz: float = field(init=False)
     weight_sq_total: float = field(init=False)
@@ -71,14 +72,19 @@ class Step:
         p /= p.sum()
         if callable(tau):
             tau = tau(p)
-        k = min(head_size, basis.vocab_size)
-        head = np.argpartition(-p, k - 1)[:k] if k < basis.vocab_size else np.arange(basis.vocab_size)
-        head = head[np.argsort(-p[head], kind="stable")]
-        return cls(basis, p, float(tau), basis.row_scale(z), head)
+        return cls(basis, p, float(tau), basis.row_scale(z), head_size)
 
-    @property
+    @functools.cached_property
+    def head(self) -> np.ndarray:
+        """The `head_size` most probable tokens, most probable first (built on first use: most steps
+        end at the threshold shortcut and never need it)."""
+        p, k = self.p, min(self.head_size, len(self.p))
+        head = np.argpartition(-p, k - 1)[:k] if k < len(p) else np.arange(len(p))
+        return head[np.argsort(-p[head], kind="stable")]
+
+    @functools.cached_property
     def argmax(self) -> int:
-        return int(self.head[0])
+        return int(np.argmax(self.p))
 
     def scale_of(self, tokens: np.ndarray) -> np.ndarray:
         return np.ones(len(tokens)) if self.scale is None else self.scale[tokens]

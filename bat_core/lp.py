@@ -26,6 +26,7 @@ import highspy
 import numpy as np
 
 from .certify import Step, rho
+from .highs import new_highs
 
 
 @dataclass
@@ -51,9 +52,8 @@ class RequestLP:
         self._reset()
 
     def _reset(self) -> None:
-        self.highs = highspy.Highs()
+        self.highs = new_highs()
         h = self.highs
-        h.setOptionValue("output_flag", False)
         h.setOptionValue("presolve", "off")  # presolve would throw the warm basis away
         h.setOptionValue("simplex_strategy", 1)  # dual simplex: bounds/rhs changes keep the basis dual feasible
         n = self.rows

@@ -4,8 +4,8 @@
   has an accept certificate; after `max_rejections` rejections take the argmax (Finlayson et al.).
   The request's own seeded generator makes a seed reproduce the output.
 - ``mask``: a sound accepted set over the whole vocabulary: tokens at or above tau, the argmax, and
-  every sub-threshold token proven within a time budget (most probable first; one certificate can
-  prove many tokens at once). The mass left undecided is reported; undecided tokens are not in the mask.
+  every sub-threshold token proven among a fixed number of exact decisions per step (most probable
+  first; one certificate can prove many tokens at once). The mass left undecided is reported; undecided tokens are not in the mask.
 """
 from __future__ import annotations
 
@@ -46,6 +46,7 @@ class MaskResult:
     undecided_mass: float
     threshold_mass: float  # mass the plain threshold rule keeps
     mask_mass: float  # mass BAT keeps
+    accepted_below_tau_ids: np.ndarray  # the proven sub-threshold tokens (argmax excluded)
 
 
 class BatSampler:
@@ -58,12 +59,15 @@ class BatSampler:
         seed: int | None = None,
         config: BatConfig | None = None,
         max_rejections: int = 10,
-        mask_budget: float = 0.05,
+        mask_candidates: int = 4,
+        mask_budget: float = 1.0,
     ) -> None:
         if not isinstance(rule, ThresholdRule):
             raise BatError("rule must be a ThresholdRule, e.g. ThresholdRule('eta', 0.0009)")
         if max_rejections < 0:
             raise BatError(f"max_rejections={max_rejections} must be >= 0")
+        if mask_candidates < 0:
+            raise BatError(f"mask_candidates={mask_candidates} must be >= 0")
         if not mask_budget > 0:
             raise BatError(f"mask_budget={mask_budget} must be a positive number of seconds")
         self.basis = basis
@@ -71,6 +75,7 @@ class BatSampler:
         self.solver = BatSolver(basis, config)
         self.rng = np.random.default_rng(seed)
         self.max_rejections = max_rejections
+        self.mask_candidates = mask_candidates
         self.mask_budget = mask_budget
 
     @property
@@ -111,8 +116,13 @@ class BatSampler:
                 return token
         return None
 
-    def mask(self, logits: Any, budget: float | None = None) -> MaskResult:
-        """The proven accepted set over the whole vocabulary within `budget` seconds."""
+    def mask(self, logits: Any, budget: float | None = None, candidates: int | None = None) -> MaskResult:
+        """The proven accepted set over the whole vocabulary.
+
+        At most `candidates` (default `mask_candidates`) sub-threshold tokens get an exact decision,
+        most probable first; certificates found on the way prove every other token they cover. A
+        count, not a clock, limits the work so that a seed reproduces the mask; `budget` seconds
+        (default `mask_budget`) is only a safety cap."""
         start = time.perf_counter()
         deadline = start + (self.mask_budget if budget is None else budget)
         solver = self.solver
@@ -129,13 +139,15 @@ class BatSampler:
         cached = solver.cached_certificates()
         if cached:
             mask |= (step.all_values(np.column_stack(cached)) > tol[None, :]).any(axis=0)
-        cursor = 0
-        while time.perf_counter() < deadline:
+        cursor, tried = 0, 0
+        limit = self.mask_candidates if candidates is None else candidates
+        while tried < limit and time.perf_counter() < deadline:
             while cursor < len(below) and (mask[below[cursor]] or rejected[below[cursor]]):
                 cursor += 1
             if cursor == len(below):
                 break
             token = int(below[cursor])
+            tried += 1
             decision = solver.decide(step, [token], deadline=deadline)[0]
             cert = decision.certificate
             if decision.accepted:
@@ -150,13 +162,16 @@ class BatSampler:
                     rejected[zeros] = True
         undecided = ~mask & ~rejected
         threshold_mass = float(p[p >= step.tau].sum())
+        below_ids = np.flatnonzero(mask & (p < step.tau))
+        below_ids = below_ids[below_ids != step.argmax]
         return MaskResult(
             mask=mask,
             tau=step.tau,
-            accepted_below_tau=int((mask & (p < step.tau)).sum()),
+            accepted_below_tau=len(below_ids),
             rejected=int(rejected.sum()),
             undecided=int(undecided.sum()),
             undecided_mass=float(p[undecided].sum()),
             threshold_mass=threshold_mass,
             mask_mass=float(p[mask].sum()),
+            accepted_below_tau_ids=below_ids,
         )

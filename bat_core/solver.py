@@ -262,7 +262,8 @@ class BatSolver:
         generation included), mapped back to R^(d+1); None when it proves nothing."""
         cfg = self.config
         reduced = self.basis.reduced_cached(k)
-        small = Step(reduced, step.p, step.tau, step.scale, step.head)
+        small = Step(reduced, step.p, step.tau, step.scale, step.head_size)
+        small.head = step.head  # same distribution, same head
         if k not in self._search_lps:
             self._search_lps[k] = RequestLP(reduced.hidden_size, max_columns=4 * cfg.search_columns)
         lp = self._search_lps[k]

@@ -70,7 +70,7 @@ def test_mask_is_sound_and_reports_undecided_mass():
     tau = 0.05
     accepted = exact_accepted(basis, logits, tau)
     sampler = bat_core.BatSampler(basis, bat_core.ThresholdRule("tau", tau), seed=0)
-    result = sampler.mask(logits, budget=10.0)
+    result = sampler.mask(logits, budget=10.0, candidates=len(W))
     assert not (result.mask & ~accepted).any()  # never a token the exact LP rejects
     p = softmax64(logits, len(W))
     decided = result.mask | ~accepted

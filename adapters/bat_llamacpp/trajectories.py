@@ -1,4 +1,4 @@
-"""Real next-token distributions from llama.cpp, for tests, benchmarks and the demo."""
+"""Real next-token distributions from llama.cpp, for tests and benchmarks."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,0 +1,293 @@
+"""BAT in llama.cpp's sampler chain, through llama-cpp-python.
+
+    from llama_cpp import Llama
+    from bat_llamacpp import BatLlama
+
+    llm = Llama(model_path=path)
+    bat = BatLlama(llm)                                # W read once from the loaded GGUF
+    proc = bat.processor(eta=0.0009, mode="sample", seed=1)
+    out = llm.create_completion("Once upon a time", max_tokens=64, **proc.completion_kwargs())
+    print(proc.stats.as_dict())
+
+llama-cpp-python turns `logits_processor=` into a custom `llama_sampler` placed at the head of
+llama.cpp's chain (before penalties, grammar, temperature, top-k/top-p/min-p and the final draw), so
+BAT sees the raw logits of every step in token-id order. In "sample" mode BAT draws the token itself
+(the paper's sampler, with the completion's own seeded generator) and leaves only that token finite;
+in "mask" mode it leaves the proven set finite and llama.cpp's own samplers draw from it.
+
+A ctypes callback cannot raise into the caller, so an error inside BAT is stored and raised by the
+stopping criterion that `completion_kwargs()` installs, before the step's token is returned.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+import bat_core
+from bat_core import BatError, ThresholdRule
+
+from .gguf_weights import read_output_layer
+
+MODES = ("sample", "mask")
+SPAN_TOLERANCE = 1e-3  # relative residual; the right W gives ~1e-5 (float32), a wrong one ~0.1-1
+
+_bases: dict[tuple[str, int, int], bat_core.Basis] = {}
+_bases_lock = threading.Lock()
+
+
+def basis_for_file(path: str) -> bat_core.Basis:
+    """The Basis of a GGUF file, dequantized once per process and shared by every completion."""
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        raise BatError(f"model file not found: {path}") from exc
+    key = (os.path.realpath(path), info.st_size, info.st_mtime_ns)
+    with _bases_lock:
+        if key not in _bases:
+            layer = read_output_layer(path)
+            _bases[key] = bat_core.Basis(layer.W, bias=layer.bias, softcap=layer.softcap)
+        return _bases[key]
+
+
+def rule_from(eta: float | None = None, epsilon: float | None = None, tau: float | None = None) -> ThresholdRule:
+    """Exactly one of eta / epsilon / tau (default: eta with eps = 0.0009)."""
+    given = {k: v for k, v in (("eta", eta), ("epsilon", epsilon), ("tau", tau)) if v is not None}
+    if len(given) > 1:
+        raise BatError(f"give one threshold rule, not {sorted(given)}: eta=, epsilon= or tau=")
+    kind, value = next(iter(given.items())) if given else ("eta", 0.0009)
+    try:
+        value = float(value)
+    except (TypeError, ValueError) as exc:
+        raise BatError(f"{kind}={value!r} is not a number") from exc
+    return ThresholdRule(kind, value)
+
+
+@dataclass
+class CompletionStats:
+    """One completion's BAT statistics. `as_dict()` is JSON-ready."""
+
+    tokens: int = 0  # steps BAT handled
+    below_tau: int = 0  # sample mode: tokens drawn below tau and proven (kept by BAT, dropped by the rule)
+    argmax_fallbacks: int = 0  # sample mode: steps where 10 draws were rejected
+    mask_accepted_below_tau: int = 0  # mask mode: sub-threshold tokens proven, summed over steps
+    mask_undecided_mass: float = 0.0  # mask mode: probability left undecided, summed over steps
+    bat_seconds: float = 0.0  # wall time inside BAT
+    core: dict[str, Any] = field(default_factory=dict)  # the core's BatStats (decisions, LP solves, fallbacks)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class StepRecord:
+    """A step whose token BAT took below tau: what a test needs to re-verify the proof."""
+
+    token: int
+    probability: float
+    tau: float
+    logits: np.ndarray
+    certificate: Any
+
+
+_blas_limited = False
+
+
+def limit_blas_threads() -> None:
+    """One BLAS thread for BAT's numpy work. OpenBLAS threads keep spinning after each product and
+    take the cores llama.cpp decodes on: measured 3x slower decoding on 2 cores without this.
+    Set BAT_BLAS_THREADS=0 to leave numpy's thread pool alone."""
+    global _blas_limited
+    if _blas_limited or os.environ.get("BAT_BLAS_THREADS", "1") == "0":
+        return
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return
+    threadpool_limits(int(os.environ.get("BAT_BLAS_THREADS", "1")), user_api="blas")
+    _blas_limited = True
+
+
+class BatLlama:
+    """BAT for one `Llama`: reads W from the GGUF it loaded and checks it against the engine."""
+
+    def __init__(self, llm: Any) -> None:
+        path = getattr(llm, "model_path", None)
+        if not path:
+            raise BatError("this Llama object has no model_path: BatLlama reads W from the GGUF file it loaded")
+        self.llm = llm
+        limit_blas_threads()
+        self.basis = basis_for_file(path)
+        n_vocab = int(llm.n_vocab())
+        if self.basis.vocab_size != n_vocab:
+            raise BatError(
+                f"vocabulary mismatch: the output matrix in {path} has {self.basis.vocab_size} rows but the "
+                f"engine's vocabulary has {n_vocab} tokens; this GGUF is not usable with BAT"
+            )
+        self.span_checked = False
+
+    def processor(
+        self,
+        eta: float | None = None,
+        epsilon: float | None = None,
+        tau: float | None = None,
+        mode: str = "sample",
+        seed: int | None = None,
+        config: bat_core.BatConfig | None = None,
+        record: bool = False,
+    ) -> BatLogitsProcessor:
+        """A new processor for one completion (its own seeded generator, HiGHS model and stats)."""
+        return BatLogitsProcessor(self, rule_from(eta, epsilon, tau), mode, seed, config, record)
+
+    def warm_up(self, config: bat_core.BatConfig | None = None) -> None:
+        """Build what the decisions share (whitening, reduced bases) now rather than in the first step."""
+        self.basis.prepare(config or bat_core.BatConfig())
+
+    def check_span(self, logits: np.ndarray) -> None:
+        """At first use: the engine's logits must lie in the span of [W, 1]."""
+        if self.span_checked:
+            return
+        residual = self.basis.span_residual(logits)
+        if not residual < SPAN_TOLERANCE:
+            raise BatError(
+                f"the engine's logits are not explained by the output matrix read from {self.llm.model_path} "
+                f"(relative residual {residual:.2g} > {SPAN_TOLERANCE}): wrong matrix, or a processor before "
+                "BAT changed the logits (logit_bias, penalties); BAT refuses to sample on them"
+            )
+        self.span_checked = True
+
+
+class BatLogitsProcessor:
+    """One completion's BAT state; called by llama.cpp once per step with the raw logits."""
+
+    def __init__(
+        self,
+        owner: BatLlama,
+        rule: ThresholdRule,
+        mode: str = "sample",
+        seed: int | None = None,
+        config: bat_core.BatConfig | None = None,
+        record: bool = False,
+    ) -> None:
+        if mode not in MODES:
+            raise BatError(f"unknown mode {mode!r}: use 'sample' (the paper's sampler) or 'mask'")
+        if seed is not None and (not isinstance(seed, (int, np.integer)) or seed < 0):
+            raise BatError(f"seed={seed!r} must be a non-negative integer")
+        self.owner = owner
+        self.rule = rule
+        self.mode = mode
+        self.seed = seed
+        self.sampler = bat_core.BatSampler(owner.basis, rule, seed=seed, config=config)
+        self.stats = CompletionStats()
+        self.records: list[StepRecord] | None = [] if record else None
+        self.error: BaseException | None = None
+        self.calls = 0
+        self.last_tau = float("nan")
+        self.last_below_tau: set[int] = set()  # tokens of the last step that BAT kept below tau
+
+    def completion_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `Llama.__call__` / `create_completion`: this processor, the guard that
+        raises its errors, neutral llama.cpp samplers (temperature 1, no top-k/top-p/min-p, no
+        penalties) and the seed. For `create_chat_completion` use `chat_kwargs()`."""
+        from llama_cpp import StoppingCriteriaList
+
+        kwargs = self.chat_kwargs()
+        kwargs["stopping_criteria"] = StoppingCriteriaList([self.raise_if_failed])
+        return kwargs
+
+    def chat_kwargs(self) -> dict[str, Any]:
+        """As `completion_kwargs()` without the guard (chat completions take no stopping criteria):
+        check `processor.error` after the call."""
+        return neutral_sampling_kwargs(self, self.seed)
+
+    def raise_if_failed(self, input_ids: Any = None, logits: Any = None) -> bool:
+        """Stopping criterion: raise the error BAT met inside llama.cpp's callback, or the sign that
+        llama-cpp-python dropped the processor from the chain (it does when `logit_bias` is given)."""
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+        if self.calls == 0:
+            raise BatError(
+                "BAT was not called for this step: llama-cpp-python left the processor out of the sampler "
+                "chain (0.3.x drops logits_processor when logit_bias is given); remove logit_bias"
+            )
+        return False
+
+    def __call__(self, input_ids: Any, scores: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        start = time.perf_counter()
+        try:
+            return self._apply(np.asarray(scores, dtype=np.float32))
+        except Exception as exc:  # noqa: BLE001 - must not escape into the C callback
+            self.error = exc if isinstance(exc, BatError) else BatError(f"BAT failed inside llama.cpp: {exc!r}")
+            return scores
+        finally:
+            self.stats.bat_seconds += time.perf_counter() - start
+
+    def _apply(self, z: np.ndarray) -> np.ndarray:
+        self.owner.check_span(z)
+        out = np.full(z.shape, -np.inf, dtype=np.float32)
+        self.stats.tokens += 1
+        if self.mode == "sample":
+            result = self.sampler.sample(z)
+            out[result.token] = z[result.token]
+            self.stats.argmax_fallbacks += int(result.fell_back_to_argmax)
+            self.last_tau, self.last_below_tau = result.tau, set()
+            proven = not result.fell_back_to_argmax and result.decisions[-1].method in ("certificate", "lp")
+            if result.below_tau and proven:
+                self.stats.below_tau += 1
+                self.last_below_tau = {result.token}
+                if self.records is not None:
+                    self.records.append(StepRecord(
+                        result.token, result.probability, result.tau, z.copy(), result.decisions[-1].certificate,
+                    ))
+        else:
+            masked = self.sampler.mask(z)
+            keep = np.flatnonzero(masked.mask)
+            out[keep] = z[keep]
+            self.last_tau = masked.tau
+            self.last_below_tau = set(masked.accepted_below_tau_ids.tolist())
+            self.stats.mask_accepted_below_tau += masked.accepted_below_tau
+            self.stats.mask_undecided_mass += masked.undecided_mass
+        self.stats.core = self.sampler.stats.as_dict()
+        return out
+
+
+class EtaLogitsProcessor:
+    """Plain threshold sampling (eta / epsilon / tau) through the same hook: the baseline BAT is compared
+    with. Tokens below tau are removed; the argmax is always kept."""
+
+    def __init__(self, rule: ThresholdRule, seed: int | None = None) -> None:
+        self.rule = rule
+        self.seed = seed
+        self.seconds = 0.0
+
+    def __call__(self, input_ids: Any, scores: np.ndarray) -> np.ndarray:
+        start = time.perf_counter()
+        z = np.asarray(scores, dtype=np.float32)
+        p = np.exp(z.astype(np.float64) - float(z.max()))
+        p /= p.sum()
+        out = np.where(bat_core.truncate_mask(p, self.rule.tau(p)), z, np.float32(-np.inf))
+        self.seconds += time.perf_counter() - start
+        return out
+
+    def completion_kwargs(self) -> dict[str, Any]:
+        return neutral_sampling_kwargs(self, self.seed)
+
+
+def neutral_sampling_kwargs(processor: Any, seed: int | None) -> dict[str, Any]:
+    """`processor` at the head of the chain; llama.cpp's own samplers after it made neutral
+    (temperature 1, no top-k/top-p/min-p, no repetition penalty); the seed of llama.cpp's draw."""
+    from llama_cpp import LogitsProcessorList
+
+    kwargs: dict[str, Any] = {
+        "logits_processor": LogitsProcessorList([processor]),
+        "temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "repeat_penalty": 1.0,
+    }
+    if seed is not None:
+        kwargs["seed"] = int(seed)
+    return kwargs
