@@ -8,6 +8,8 @@ computed here, once, and never copied per request.
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -15,6 +17,17 @@ import numpy as np
 from .errors import BatError
 
 _CHUNK_ROWS = 8192
+_MATVEC_THREADS = max(1, min(int(os.environ.get("BAT_MATVEC_THREADS", "0")) or (os.cpu_count() or 1), 8))
+_matvec_pool: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    """Worker threads for W @ y: they sleep between products (BLAS threads would spin, and take
+    the cores an engine decodes on)."""
+    global _matvec_pool
+    if _matvec_pool is None:
+        _matvec_pool = ThreadPoolExecutor(_MATVEC_THREADS, thread_name_prefix="bat-matvec")
+    return _matvec_pool
 
 
 def as_float32_matrix(matrix: Any, name: str) -> np.ndarray:
@@ -85,6 +98,7 @@ class Basis:
         self.row_norm = np.sqrt(row_norm_sq)  # ||w_j||_2: bounds float32 rounding of W y
         self.row_norm_l1 = row_norm_l1  # ||w_j||_1: scales the solver tolerance per token
         self.gram = gram  # A^T A in float64: bounds sum_j c_j^2 over any token set exactly (up to 1e-12)
+        self.abs_gram = np.abs(gram[:d, :d])  # scales the rounding slack of y' G y
         self._whitening: tuple[np.ndarray, np.ndarray] | None = None
         self._eigvec: np.ndarray | None = None
         self._reduced: dict[int, Basis] = {}
@@ -175,6 +189,22 @@ class Basis:
         return float(np.linalg.norm(z - fitted) / max(np.linalg.norm(centred), 1e-30))
 
     # ----------------------------------------------------------------- helpers for the core
+    def matvec(self, y: np.ndarray) -> np.ndarray:
+        """W @ y in float32 over the whole vocabulary, split by rows over worker threads (the product
+        is memory-bound: one thread reads W at about 13 GB/s here)."""
+        y = np.ascontiguousarray(y, dtype=np.float32)
+        parts = _MATVEC_THREADS if self.vocab_size >= 16384 else 1
+        if parts == 1:
+            return self.W @ y
+        out = np.empty(self.vocab_size, dtype=np.float32)
+        bounds = np.linspace(0, self.vocab_size, parts + 1).astype(int)
+
+        def work(k: int) -> None:
+            np.matmul(self.W[bounds[k] : bounds[k + 1]], y, out=out[bounds[k] : bounds[k + 1]])
+
+        list(_pool().map(work, range(parts)))
+        return out
+
     def rows(self, token_ids: np.ndarray) -> np.ndarray:
         """Rows of W for token_ids as float64 (a small gather)."""
         return self.W[token_ids].astype(np.float64)

@@ -42,6 +42,7 @@ class BatConfig:
     lp_columns: int = 1024  # initial working set of the exact LP
     lp_max_rounds: int = 12  # column-generation rounds before a fallback
     cache_size: int = 16  # recent certificates re-tried on new candidates
+    full_checks: int = 1  # best-ranked certificate candidates per token checked over the whole vocabulary
     min_probability: float = 1e-10  # below this, float64 cannot verify a certificate: reject
 
     def __post_init__(self) -> None:
@@ -54,7 +55,7 @@ class BatConfig:
         self.search_levels = tuple(int(k) for k in self.search_levels)
         if any(k < 1 for k in self.search_levels):
             raise BatError(f"search_levels={self.search_levels} must be positive numbers of directions")
-        for name in ("head_size", "lsq_head", "search_columns", "search_rounds", "lp_columns", "lp_max_rounds"):
+        for name in ("full_checks", "head_size", "lsq_head", "search_columns", "search_rounds", "lp_columns", "lp_max_rounds"):
             if int(getattr(self, name)) < 1:
                 raise BatError(f"{name} must be a positive integer")
 
@@ -114,6 +115,7 @@ class BatStats:
     below_resolution: int = 0
     seconds: float = 0.0
     fallback_reasons: dict[str, int] = field(default_factory=dict)
+    accepts_by_source: dict[str, int] = field(default_factory=dict)  # cache | least-squares | search-k | lp
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -139,7 +141,7 @@ class BatSolver:
 
         `tau`: a number in (0, 1), or a ThresholdRule (its tau is computed from this distribution)."""
         if isinstance(tau, ThresholdRule):
-            tau = tau.tau
+            pass
         elif not (isinstance(tau, (float, int, np.floating)) and 0.0 < float(tau) < 1.0):
             raise BatError(f"tau={tau!r} must lie strictly between 0 and 1")
         step = Step.build(self.basis, logits, tau, head_size=self.config.head_size)
@@ -206,51 +208,60 @@ class BatSolver:
         cfg = self.config
         out: dict[int, Decision] = {}
         # 1. cheap certificates: the request's recent ones first (no factorization needed), then the
-        #    least-squares directions for what they leave
-        sources = [lambda todo: np.column_stack(list(self._cache)) if self._cache else None,
-                   lambda todo: WeightedLeastSquares(step, head_size=cfg.lsq_head).directions(todo)]
-        for source in sources:
-            if not len(pending):
-                break
-            Y = source(pending)
-            if Y is None:
-                continue
-            for t, cert in self._certify(step, pending, Y).items():
-                out[t] = Decision(t, True, "certificate", cert)
-            pending = np.array([t for t in pending if int(t) not in out], dtype=np.int64)
+        #    least-squares directions, ranked together so that one product over the vocabulary usually decides
+        columns, labels = [], []
+        if self._cache:
+            columns += list(self._cache)
+            labels += ["cache"] * len(self._cache)
+        lsq = WeightedLeastSquares(step, head_size=cfg.lsq_head).directions(pending)
+        columns += list(lsq.T)
+        labels += ["least-squares"] * lsq.shape[1]
+        pending = self._accept_found(step, pending, np.column_stack(columns), labels, out)
         # 2. exact LPs of the problem reduced to the top-k singular directions of W, k growing: a relaxation,
         #    so only their accept certificates count (proven again on the full problem)
         for k in cfg.search_levels:
-            if not len(pending) or k >= self.basis.hidden_size:
+            if not len(pending) or k >= self.basis.hidden_size or time.perf_counter() >= self._deadline:
                 break
             Y = self._search_directions(step, pending, k)
             if Y is not None:
-                for t, cert in self._certify(step, pending, Y).items():
-                    out[t] = Decision(t, True, "certificate", cert)
-                pending = np.array([t for t in pending if int(t) not in out], dtype=np.int64)
+                pending = self._accept_found(step, pending, Y, [f"search-{k}"] * Y.shape[1], out)
         # 3. the exact LP, candidate by candidate, under the time budget
         for t in pending:
             out[int(t)] = self._exact(step, int(t))
         return out
 
-    def _certify(self, step: Step, pending: np.ndarray, Y: np.ndarray) -> dict[int, AcceptCertificate]:
-        """Prove what the certificate candidates Y can prove for `pending`: cheap bound first, then one
-        float32 product over the vocabulary for those whose exact part alone leaves room."""
-        tol = self.config.tol * step.tolerance_scale(pending)
-        lower, optimistic = step.candidate_values(Y, pending)
-        proven = lower > tol[None, :]
-        hopeful = (~proven.any(axis=0)) & (optimistic > tol[None, :]).any(axis=0)
-        if hopeful.any():
-            cols = np.flatnonzero((optimistic[:, hopeful] > tol[None, hopeful]).any(axis=1))
-            values, _ = step.full_candidate_values(Y[:, cols], pending[hopeful])
-            lower[np.ix_(cols, np.flatnonzero(hopeful))] = np.maximum(lower[np.ix_(cols, np.flatnonzero(hopeful))], values)
-            proven = lower > tol[None, :]
+    def _accept_found(self, step: Step, pending: np.ndarray, Y: np.ndarray, labels: list[str], out: dict) -> np.ndarray:
+        """Record the accepts that the candidates Y (columns named by `labels`) prove; return the
+        tokens still pending."""
+        for t, (cert, column) in self._certify(step, pending, Y).items():
+            out[t] = Decision(t, True, "certificate", cert)
+            source = labels[column]
+            self.stats.accepts_by_source[source] = self.stats.accepts_by_source.get(source, 0) + 1
+        return np.array([t for t in pending if int(t) not in out], dtype=np.int64)
+
+    def _certify(self, step: Step, pending: np.ndarray, Y: np.ndarray) -> dict[int, tuple[AcceptCertificate, int]]:
+        """Prove what the certificate candidates Y can prove for `pending`, token by token: Y and its
+        columns with re-chosen constant components (Step.with_best_offsets), a cheap bound first
+        (exact head, bounded tail), then one float32 product over the vocabulary for the most
+        promising columns only."""
         found = {}
-        for n in np.flatnonzero(proven.any(axis=0)):
-            best = int(np.argmax(lower[:, n]))
-            y = Y[:, best].copy()
-            found[int(pending[n])] = AcceptCertificate(int(pending[n]), y, float(lower[best, n]))
-            self._remember(y)
+        for token in pending:
+            token = int(token)
+            cand = np.array([token])
+            Yt = np.hstack([Y, step.with_best_offsets(Y, token)])
+            tol = self.config.tol * float(step.tolerance_scale(cand)[0])
+            ranking = step.head_values(Yt, token)
+            for col in np.argsort(-ranking)[: self.config.full_checks]:
+                if not ranking[col] > tol:
+                    break  # the tail only lowers the value: no product can prove this column
+                y = Yt[:, col]
+                value = float(step.candidate_values(y[:, None], cand)[0][0, 0])  # cheap tail bound
+                if not value > tol:
+                    value = step.full_value(y, token)
+                if value > tol:
+                    found[token] = (AcceptCertificate(token, y.copy(), value), int(col) % Y.shape[1])
+                    self._remember(found[token][0].y)
+                    break
         return found
 
     def _remember(self, y: np.ndarray) -> None:
@@ -270,6 +281,8 @@ class BatSolver:
         directions = self.basis.singular_directions(k)
         columns = []
         for t in pending:
+            if time.perf_counter() >= self._deadline:
+                break
             outcome = lp.solve(
                 small, self._step_id, int(t), step.head[: cfg.search_columns], cfg.tol, self._deadline,
                 max_rounds=cfg.search_rounds,
@@ -282,17 +295,19 @@ class BatSolver:
 
     def _exact(self, step: Step, token: int) -> Decision:
         cfg = self.config
+        if time.perf_counter() >= self._deadline:
+            return self._fallback(token, "time budget")
         if self._lp is None:
             self._lp = RequestLP(self.basis.hidden_size, max_columns=4 * cfg.lp_columns)
-        deadline = max(self._deadline, time.perf_counter() + 1e-3)
         outcome = self._lp.solve(
-            step, self._step_id, token, step.head[: cfg.lp_columns], cfg.tol, deadline, max_rounds=cfg.lp_max_rounds
+            step, self._step_id, token, step.head[: cfg.lp_columns], cfg.tol, self._deadline, max_rounds=cfg.lp_max_rounds
         )
         self.stats.lp_solves += outcome.solves
         self.stats.lp_rounds += outcome.rounds
         self.stats.lp_iterations += outcome.iterations
         if outcome.accepted is True:
             self._remember(outcome.y)
+            self.stats.accepts_by_source["lp"] = self.stats.accepts_by_source.get("lp", 0) + 1
             return Decision(token, True, "lp", AcceptCertificate(token, outcome.y, outcome.value))
         if outcome.accepted is False:
             tokens, x = outcome.point
@@ -303,8 +318,11 @@ class BatSolver:
             )
             self._rejects.append(point)
             return Decision(token, False, "lp", point)
+        return self._fallback(token, outcome.reason or "unknown")
+
+    def _fallback(self, token: int, reason: str) -> Decision:
+        """The conservative answer when no proof came within the budget: reject, and count it."""
         self.stats.fallbacks += 1
-        reason = outcome.reason or "unknown"
         self.stats.fallback_reasons[reason] = self.stats.fallback_reasons.get(reason, 0) + 1
         return Decision(token, False, "fallback")
 

