@@ -33,7 +33,7 @@ class BatConfig:
     """Knobs of the decision engine. Defaults suit a 2-core CPU and vocabularies of 50k-260k tokens."""
 
     tol: float = 1e-6  # relative infeasibility at or below which a decision counts as reject
-    time_budget: float = 2.0  # seconds per exact decision before the conservative reject
+    time_budget: float = 2.0  # seconds per decision for the LP stages; 0 = certificate search only (deterministic)
     head_size: int = 1024  # tokens whose products are computed exactly in float64
     lsq_head: int = 256  # tokens weighted in the least-squares certificate search
     search_levels: tuple[int, ...] = (32, 128)  # singular directions of the search LPs (() turns them off)
@@ -50,8 +50,8 @@ class BatConfig:
             raise BatError(f"min_probability={self.min_probability} must lie in [0, 1e-3) (default 1e-10)")
         if not 1e-12 <= self.tol <= 1e-2:
             raise BatError(f"tol={self.tol} must lie in [1e-12, 1e-2] (default 1e-6)")
-        if not self.time_budget > 0:
-            raise BatError(f"time_budget={self.time_budget} must be a positive number of seconds")
+        if not self.time_budget >= 0:
+            raise BatError(f"time_budget={self.time_budget} must be a number of seconds >= 0 (0: no LP stages)")
         self.search_levels = tuple(int(k) for k in self.search_levels)
         if any(k < 1 for k in self.search_levels):
             raise BatError(f"search_levels={self.search_levels} must be positive numbers of directions")
@@ -295,6 +295,8 @@ class BatSolver:
 
     def _exact(self, step: Step, token: int) -> Decision:
         cfg = self.config
+        if self.config.time_budget == 0:
+            return self._fallback(token, "certificate search only")
         if time.perf_counter() >= self._deadline:
             return self._fallback(token, "time budget")
         if self._lp is None:
