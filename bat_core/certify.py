@@ -56,15 +56,19 @@ class Step:
     head_size: int = 1024
     tprime: float = field(init=False)
     lipschitz: float = field(init=False)
-    weight_sq_total: float = field(init=False)
-    p_total: float = field(init=False)
 
     def __post_init__(self) -> None:
         self.tprime = self.tau / (1.0 - self.tau)
         self.lipschitz = max(self.tprime, 1.0)
+
+    @functools.cached_property
+    def weight_sq_total(self) -> float:
         weights = self.p if self.scale is None else self.p * self.scale
-        self.weight_sq_total = float(weights @ weights)
-        self.p_total = float(self.p.sum())
+        return float(weights @ weights)
+
+    @functools.cached_property
+    def p_total(self) -> float:
+        return float(self.p.sum())
 
     @classmethod
     def build(cls, basis: Basis, logits, tau, head_size: int = 1024) -> "Step":

@@ -35,13 +35,13 @@ class BatConfig:
     tol: float = 1e-6  # relative infeasibility at or below which a decision counts as reject
     time_budget: float = 2.0  # seconds per decision for the LP stages; 0 = certificate search only (deterministic)
     head_size: int = 1024  # tokens whose products are computed exactly in float64
-    lsq_head: int = 256  # tokens weighted in the least-squares certificate search
+    lsq_head: int = 128  # tokens weighted in the least-squares certificate search (256 found no more on SmolLM2)
     search_levels: tuple[int, ...] = (32, 128)  # singular directions of the search LPs (() turns them off)
     search_columns: int = 1024  # initial tokens in a search LP
     search_rounds: int = 4  # column-generation rounds of a search LP
     lp_columns: int = 1024  # initial working set of the exact LP
     lp_max_rounds: int = 12  # column-generation rounds before a fallback
-    cache_size: int = 16  # recent certificates re-tried on new candidates
+    cache_size: int = 4  # recent certificates re-tried on new candidates (16 found no more on SmolLM2)
     full_checks: int = 1  # best-ranked certificate candidates per token checked over the whole vocabulary
     min_probability: float = 1e-10  # below this, float64 cannot verify a certificate: reject
 
