@@ -93,7 +93,10 @@ class BatSampler:
             token = self._draw(cdf, total, removed)
             if token is None:
                 break
-            decision = self.solver.decide(step, [token])[0]
+            if step.p[token] >= step.tau:  # most draws: no candidate bookkeeping needed
+                decision = self.solver.record_shortcut(Decision(token, True, "threshold"))
+            else:
+                decision = self.solver.decide(step, [token])[0]
             result.decisions.append(decision)
             if decision.accepted:
                 result.token, result.probability = token, float(step.p[token])

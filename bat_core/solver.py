@@ -186,6 +186,11 @@ class BatSolver:
         self._count(out, time.perf_counter() - start)
         return out
 
+    def record_shortcut(self, decision: Decision) -> Decision:
+        """Count a decision the caller settled by the threshold (p >= tau) without `decide`."""
+        self._count([decision], 0.0)
+        return decision
+
     def _stored_reject(self, step: Step, token: int) -> RejectCertificate | None:
         """A feasible point found earlier in this step that already gives `token` zero mass."""
         limit = self.config.tol * step.p[token] * float(step.tolerance_scale(np.array([token]))[0])
