@@ -75,6 +75,7 @@ def test_settings_are_validated():
     assert settings_from(SP()) is None
     s = settings_from(SP(seed=5, extra_args={"bat_eta": "0.0009"}))  # HTTP values may come as strings
     assert s.rule == bat_core.ThresholdRule("eta", 0.0009) and s.seed == 5 and s.mode == "sample"
+    assert settings_from(SP(extra_args={"bat_tau": 0.1, "bat_mode": "threshold", "bat_time_budget": "0.5"})).time_budget == 0.5
     for extra, words in (
         ({"bat_eta": 1.5}, "out of range"), ({"bat_tau": 0.1, "bat_eta": 0.001}, "exactly one"),
         ({"bat_mode": "mask"}, "exactly one"), ({"bat_eta": 0.001, "bat_mode": "greedy"}, "bat_mode"),

