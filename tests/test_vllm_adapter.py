@@ -105,6 +105,20 @@ def test_mixed_batch_reproduces_and_leaves_other_requests_alone(llm, folder, rec
         check_accept(A, p, tau, token, rec["y"], bat_core.BatConfig().tol)
 
 
+def test_n_samples_differ_and_reproduce_with_vllm_seed(llm):
+    """n > 1: vLLM gives child k the seed `seed + k`; BAT's sampler of each child takes it."""
+    request = vllm.SamplingParams(n=3, max_tokens=24, temperature=1.0, seed=7, extra_args={"bat_eta": 0.0009})
+    first = [o.text for o in llm.generate(PROMPTS[:1], request)[0].outputs]
+    second = [o.text for o in llm.generate(PROMPTS[:1], request)[0].outputs]
+    assert len(first) == 3 and first == second
+    assert len(set(first)) == 3
+    with pytest.raises(ValueError, match="identical samples"):
+        BatLogitsProcessor.validate_params(vllm.SamplingParams(n=2, extra_args={"bat_eta": 0.0009, "bat_seed": 1}))
+    flush(llm)
+    [proc] = processors()
+    assert proc.requests == {}
+
+
 def test_churn_returns_to_the_starting_state(llm):
     [proc] = processors()
     gc.collect()

@@ -189,12 +189,18 @@ class BatLogitsProcessor:
         self.mode = mode
         self.seed = seed
         self.sampler = bat_core.BatSampler(owner.basis, rule, seed=seed, config=config)
-        self.stats = CompletionStats()
+        self._stats = CompletionStats()
         self.records: list[StepRecord] | None = [] if record else None
         self.error: BaseException | None = None
         self.calls = 0
         self.last_tau = float("nan")
         self.last_below_tau: set[int] = set()  # tokens of the last step that BAT kept below tau
+
+    @property
+    def stats(self) -> CompletionStats:
+        """The completion's statistics, with the core's decisions copied in when read (not per token)."""
+        self._stats.core = self.sampler.stats.as_dict()
+        return self._stats
 
     def completion_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `Llama.__call__` / `create_completion`: this processor, the guard that
@@ -233,20 +239,20 @@ class BatLogitsProcessor:
             self.error = exc if isinstance(exc, BatError) else BatError(f"BAT failed inside llama.cpp: {exc!r}")
             return scores
         finally:
-            self.stats.bat_seconds += time.perf_counter() - start
+            self._stats.bat_seconds += time.perf_counter() - start
 
     def _apply(self, z: np.ndarray) -> np.ndarray:
         self.owner.check_span(z)
         out = np.full(z.shape, -np.inf, dtype=np.float32)
-        self.stats.tokens += 1
+        self._stats.tokens += 1
         if self.mode == "sample":
             result = self.sampler.sample(z)
             out[result.token] = z[result.token]
-            self.stats.argmax_fallbacks += int(result.fell_back_to_argmax)
+            self._stats.argmax_fallbacks += int(result.fell_back_to_argmax)
             self.last_tau, self.last_below_tau = result.tau, set()
             proven = not result.fell_back_to_argmax and result.decisions[-1].method in ("certificate", "lp")
             if result.below_tau and proven:
-                self.stats.below_tau += 1
+                self._stats.below_tau += 1
                 self.last_below_tau = {result.token}
                 if self.records is not None:
                     self.records.append(StepRecord(
@@ -258,9 +264,8 @@ class BatLogitsProcessor:
             out[keep] = z[keep]
             self.last_tau = masked.tau
             self.last_below_tau = set(masked.accepted_below_tau_ids.tolist())
-            self.stats.mask_accepted_below_tau += masked.accepted_below_tau
-            self.stats.mask_undecided_mass += masked.undecided_mass
-        self.stats.core = self.sampler.stats.as_dict()
+            self._stats.mask_accepted_below_tau += masked.accepted_below_tau
+            self._stats.mask_undecided_mass += masked.undecided_mass
         return out
 
 

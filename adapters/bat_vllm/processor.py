@@ -88,6 +88,11 @@ def settings_from(params: Any) -> RequestSettings | None:
     mode = extra.get("bat_mode", "sample")
     if mode not in MODES:
         raise BatError(f"bat_mode={mode!r}: use 'sample' (the paper's sampler), 'mask', or 'threshold' (no BAT)")
+    if "bat_seed" in extra and int(getattr(params, "n", 1) or 1) > 1:
+        raise BatError(
+            "bat_seed with n > 1 would give n identical samples: set vLLM's `seed` instead (vLLM gives each "
+            "of the n sequences seed + index, and BAT uses it when bat_seed is absent)"
+        )
     seed = extra.get("bat_seed", getattr(params, "seed", None))
     if seed is not None:
         try:
@@ -264,11 +269,12 @@ class BatLogitsProcessor(LogitsProcessor):
             else:
                 keep = np.flatnonzero(state.sampler.mask(raw[k]).mask)
             keep_rows.append(keep)
-        masked = torch.full((len(rows), logits.shape[1]), float("-inf"), dtype=logits.dtype, device=logits.device)
-        for k, (index, keep) in enumerate(zip(rows, keep_rows)):
-            ids = torch.as_tensor(keep, device=logits.device)
-            masked[k, ids] = logits[index, ids]
-        logits[rows] = masked
+        # three tensor operations for the whole batch, whatever the number of rows
+        row_ids = torch.as_tensor(np.repeat(rows, [len(keep) for keep in keep_rows]), device=logits.device)
+        token_ids = torch.as_tensor(np.concatenate(keep_rows), device=logits.device)
+        kept = logits[row_ids, token_ids]
+        logits[torch.as_tensor(rows, device=logits.device)] = float("-inf")
+        logits[row_ids, token_ids] = kept
         return logits
 
     def _record(self, z: np.ndarray, result: bat_core.SampleResult) -> None:
