@@ -232,17 +232,22 @@ def run_quality(out: str, name: str, settings: Settings, runs: list[dict], featu
     """Metrics per run and their mean and 95% CI over seeds, per (sampler, level)."""
     human = read_json(os.path.join(out, name, "generations", "human.json"))["texts"]
     human_features = featurizer(human)
-    per_run, groups = [], {}
+    per_run, groups, pooled = [], {}, {}
     for run in runs:
         texts = [r["text"] for r in run["rows"]]
         metrics = quality.text_metrics(texts, [r["tokens"] for r in run["rows"]])
-        metrics["mauve"] = quality.mauve_score(human_features, featurizer(texts))
+        features = featurizer(texts)
+        metrics["mauve"] = quality.mauve_score(human_features, features)
         key = run["sampler"] if run["level"] is None else f"{run['sampler']}@{run['level']:g}"
         per_run.append({"group": key, "seed": run["seed"], "parameter": run["parameter"], **metrics})
         groups.setdefault(key, []).append(metrics)
+        pooled.setdefault(key, []).append(features)
     summary = {
         key: {metric: quality.mean_ci([m[metric] for m in rows]) for metric in rows[0]} for key, rows in groups.items()
     }
+    # all seeds of a sampler against the human continuations: more samples, so more MAUVE buckets
+    for key, blocks in pooled.items():
+        summary[key]["mauve_pooled"] = {"mean": quality.mauve_score(human_features, np.concatenate(blocks)), "ci95": float("nan"), "n": 1}
     human_metrics = quality.text_metrics(human, [0] * len(human))
     result = {"model": name, "runs": per_run, "summary": summary, "human": human_metrics}
     write_json(os.path.join(out, name, "quality.json"), result)

@@ -115,24 +115,24 @@ def write_report(out: str, settings, results: dict) -> None:
         lines += [f"## {name}", "",
                   f"{matched['positions']} teacher-forced human tokens ({matched['argmax_share']:.0%} were the argmax, "
                   f"median p_hat {matched['median_p']:.3f}); {matched['bat_decisions']} exact BAT decisions, "
-                  f"{matched['bat_fallbacks']} fell back (counted as rejects), {matched['bat_seconds']:.0f} s.", "",
+                  f"{matched['bat_fallbacks']} found no certificate (unproven: counted as rejects), {matched['bat_seconds']:.0f} s.", "",
                   "| target share | " + " | ".join(METHODS) + " |", "|---|" + "---|" * len(METHODS)]
         for level, row in matched["matches"].items():
             cells = []
             for m in METHODS:
                 r = row[m]
                 note = "" if r["reachable"] else " (not reached)"
-                fb = f", {r['fallback_share']:.1%} by fallback" if r["fallback_share"] else ""
+                fb = f", {r['fallback_share']:.1%} unproven" if r["fallback_share"] else ""
                 cells.append(f"{r['parameter']:.3g} ({r['share']:.1%}{fb}){note}")
             lines.append(f"| {float(level):.0%} | " + " | ".join(cells) + " |")
         q = result["quality"]
         keys = list(q["summary"])
-        cols = ("mauve", "distinct_1", "distinct_2", "distinct_3", "repetition_4", "length_tokens")
+        cols = ("mauve", "mauve_pooled", "distinct_1", "distinct_2", "distinct_3", "repetition_4", "length_tokens")
         lines += ["", "Quality over seeds (mean ± 95% CI half-width, Student t):", "",
                   "| sampler | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
         for k in keys:
             lines.append(f"| {k} | " + " | ".join(fmt(q["summary"][k][c]) for c in cols) + " |")
-        lines.append("| human | n/a | " + " | ".join(f"{q['human'][c]:.3f}" for c in cols[1:5]) + " | n/a |")
+        lines.append("| human | n/a | n/a | " + " | ".join(f"{q['human'][c]:.3f}" for c in cols[2:6]) + " | n/a |")
         kept = kept_summary(matched.get("kept", {}))
         if kept:
             lines += ["", "Accepted sets per step at the same tau (BAT's matched parameter):", "",
@@ -142,13 +142,21 @@ def write_report(out: str, settings, results: dict) -> None:
                 lines.append(f"| {m} ({k['parameter']:.3g}) | {k['steps']} | {k['median_threshold_size']:.0f} / {k['median_bat_size']:.0f} | "
                              f"{k['mean_threshold_mass']:.3f} / {k['mean_bat_mass']:.3f} | {k['mean_undecided_mass']:.3f} | "
                              f"{k['steps_with_extra_tokens']:.0%} |")
+        audit = matched.get("audit", {})
+        if audit:
+            lines += ["", "Audit of BAT's rejects (sample re-decided by the exact LP with a longer budget):", "",
+                      "| method | rejects at the level | sampled | exact accept | exact reject | undecided | budget |",
+                      "|---|---|---|---|---|---|---|"]
+            for m, a in audit.items():
+                lines.append(f"| {m} ({a['parameter']:.3g}) | {a['rejects']} | {a['sampled']} | {a['accept']} | {a['reject']} | "
+                             f"{a['undecided']} | {a['budget']:g} s |")
         picked = examples(result["runs"])
         if picked:
             lines += ["", "Examples (tokens BAT took below tau in [[brackets]]):", ""]
             lines += [f"- {e['sampler']} ({e['parameter']:.3g}), {e['passage']}: {e['text']!r}" for e in picked]
         lines.append("")
         summary["models"][name] = {"matches": matched["matches"], "quality": q["summary"], "human": q["human"],
-                                   "kept": kept, "examples": picked}
+                                   "kept": kept, "audit": audit, "examples": picked}
     plots = [plot_rejection(out, results, settings), plot_quality(out, results)]
     lines += ["Plots: " + ", ".join(os.path.basename(p) for p in plots), ""]
     with open(os.path.join(out, "report.md"), "w") as handle:
