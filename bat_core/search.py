@@ -28,7 +28,8 @@ class WeightedLeastSquares:
         tail_mass = max(1.0 - float(weights.sum()), 1e-12)
         # ridge ~ weight of a typical tail token, times the tail's size in the Cauchy-Schwarz sense
         self.mu = ridge if ridge is not None else max(tail_mass / np.sqrt(basis.vocab_size), 1e-12)
-        kernel = self.B @ self.B.T
+        self.gram_head = self.B @ self.B.T
+        kernel = self.gram_head.copy()
         kernel[np.diag_indices_from(kernel)] += self.mu / np.maximum(weights, 1e-300)
         self.kernel_chol = np.linalg.cholesky(kernel)
 
@@ -44,9 +45,40 @@ class WeightedLeastSquares:
         """Certificate candidates, one column per token, scaled so that c_i = 1: shape [d+1, n]."""
         _, white = self.step.basis.whitening()
         b = self._whitened_rows(candidates, white).T  # [d+1, n]
-        inner = np.linalg.solve(self.kernel_chol, self.B @ b)
-        inner = np.linalg.solve(self.kernel_chol.T, inner)
+        z = self._solve(self.kernel_chol, b)
+        return self.chol_inv.T @ z
+
+    def refined_directions(self, candidates: np.ndarray, iterations: int) -> np.ndarray:
+        """Iteratively reweighted least squares: the cost sum p_j rho(c_j) written as a weighted square
+        with weights p_j * slope(c_j) / |c_j| (slope tau' where c_j > 0, 1 where c_j < 0), re-solved
+        `iterations` times from the plain direction. Every iterate is a candidate: shape
+        [d+1, n * iterations]. Costs a K x K Cholesky per iterate; on 240 real SmolLM2 candidates
+        (eta 0.0009) three iterations proved 152 instead of 142."""
+        step = self.step
+        _, white = step.basis.whitening()
+        head = step.head[: self.B.shape[0]]
+        p_head = step.p[head]
+        out = []
+        for n, token in enumerate(np.asarray(candidates)):
+            b = self._whitened_rows(np.array([token]), white).T  # [d+1, 1]
+            z = self._solve(self.kernel_chol, b)
+            for _ in range(iterations):
+                c = self.B @ z[:, 0]
+                floor = 1e-3 * float(np.median(np.abs(c))) + 1e-300
+                weights = p_head * np.where(c > 0, step.tprime, 1.0) / np.maximum(np.abs(c), floor)
+                weights[head == token] = 0.0  # the candidate's own term is fixed by c_i = 1
+                kernel = self.gram_head.copy()
+                kernel[np.diag_indices_from(kernel)] += self.mu / np.maximum(weights, 1e-300)
+                try:
+                    z = self._solve(np.linalg.cholesky(kernel), b)
+                except np.linalg.LinAlgError:
+                    break
+                out.append(self.chol_inv.T @ z[:, 0])
+        return np.column_stack(out) if out else np.empty((self.B.shape[1], 0))
+
+    def _solve(self, kernel_chol: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """z minimizing the weighted squares plus mu |z|^2 with b_i . z = 1 (Woodbury through the K x K factor)."""
+        inner = np.linalg.solve(kernel_chol, self.B @ b)
+        inner = np.linalg.solve(kernel_chol.T, inner)
         z = (b - self.B.T @ inner) / self.mu
-        y = self.chol_inv.T @ z
-        c_i = np.einsum("kn,kn->n", b, z)  # a_i . y = b_i . z
-        return y / c_i
+        return z / np.einsum("kn,kn->n", b, z)  # a_i . y = b_i . z = 1

@@ -36,6 +36,7 @@ class BatConfig:
     time_budget: float = 2.0  # seconds per decision for the LP stages; 0 = certificate search only (deterministic)
     head_size: int = 1024  # tokens whose products are computed exactly in float64
     lsq_head: int = 128  # tokens weighted in the least-squares certificate search (256 found no more on SmolLM2)
+    lsq_refine: int = 3  # reweighted least-squares iterations per candidate (0: plain least squares only)
     search_levels: tuple[int, ...] = (32, 128)  # singular directions of the search LPs (() turns them off)
     search_columns: int = 1024  # initial tokens in a search LP
     search_rounds: int = 4  # column-generation rounds of a search LP
@@ -50,6 +51,8 @@ class BatConfig:
             raise BatError(f"min_probability={self.min_probability} must lie in [0, 1e-3) (default 1e-10)")
         if not 1e-12 <= self.tol <= 1e-2:
             raise BatError(f"tol={self.tol} must lie in [1e-12, 1e-2] (default 1e-6)")
+        if not 0 <= int(self.lsq_refine) <= 50:
+            raise BatError(f"lsq_refine={self.lsq_refine} must be an integer in [0, 50]")
         if not self.time_budget >= 0:
             raise BatError(f"time_budget={self.time_budget} must be a number of seconds >= 0 (0: no LP stages)")
         self.search_levels = tuple(int(k) for k in self.search_levels)
@@ -218,10 +221,16 @@ class BatSolver:
         if self._cache:
             columns += list(self._cache)
             labels += ["cache"] * len(self._cache)
-        lsq = WeightedLeastSquares(step, head_size=cfg.lsq_head).directions(pending)
+        search = WeightedLeastSquares(step, head_size=cfg.lsq_head)
+        lsq = search.directions(pending)
         columns += list(lsq.T)
         labels += ["least-squares"] * lsq.shape[1]
         pending = self._accept_found(step, pending, np.column_stack(columns), labels, out)
+        # reweighted least squares only for what the plain directions left (most candidates never need it)
+        if len(pending) and cfg.lsq_refine:
+            refined = search.refined_directions(pending, cfg.lsq_refine)
+            if refined.shape[1]:
+                pending = self._accept_found(step, pending, refined, ["reweighted"] * refined.shape[1], out)
         # 2. exact LPs of the problem reduced to the top-k singular directions of W, k growing: a relaxation,
         #    so only their accept certificates count (proven again on the full problem)
         for k in cfg.search_levels:

@@ -74,3 +74,34 @@ def test_fast_path_agrees_with_reference(chunk):
             gray += 1
     assert checked > CASES // 8
     assert gray <= max(1, checked // 200)
+
+
+def test_certificate_search_alone_is_sound_and_reweighting_only_adds():
+    """time_budget=0 (no LP): every accept is re-verified by independent code and is an accept of the
+    reference; the reweighted least-squares pass proves a superset of what plain least squares proves."""
+    rng = np.random.default_rng(77)
+    plain_accepts = refined_accepts = from_reweighted = 0
+    for case in range(400):
+        W, logits = random_case(rng, ["plain", "low_rank"][case % 2])
+        p = softmax64(logits, len(W))
+        tau = float(rng.choice(TAUS))
+        below = np.flatnonzero(p < tau)
+        if below.size == 0:
+            continue
+        token = int(rng.choice(below))
+        basis = bat_core.Basis(W)
+        results = {}
+        for refine in (0, 3):
+            solver = bat_core.BatSolver(basis, bat_core.BatConfig(time_budget=0.0, lsq_refine=refine))
+            results[refine] = solver.decide(solver.new_step(logits, tau), [token])[0]
+            from_reweighted += solver.stats.accepts_by_source.get("reweighted", 0)
+        if results[0].accepted:
+            assert results[3].accepted
+        for decision in results.values():
+            if decision.accepted and decision.method == "certificate":
+                check_accept(augmented(W), p, tau, token, decision.certificate.y, TOL)
+                ref = bat_core.reference_decide(basis, logits, token, tau, tol=TOL)
+                assert ref.accepted or ref.relative_infeasibility >= TOL / 100
+        plain_accepts += results[0].accepted
+        refined_accepts += results[3].accepted
+    assert from_reweighted > 0 and refined_accepts > plain_accepts
