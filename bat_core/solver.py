@@ -46,6 +46,14 @@ class BatConfig:
     full_checks: int = 1  # best-ranked certificate candidates per token checked over the whole vocabulary
     min_probability: float = 1e-10  # below this, float64 cannot verify a certificate: reject
 
+    @classmethod
+    def for_generation(cls, time_budget: float = 0.0, **overrides: Any) -> "BatConfig":
+        """The adapters' setting while generating: certificate search only by default (no clock in a
+        decision, so a seed reproduces the text) and no reweighted pass (measured in llama.cpp: 0.2 ms
+        more per token and no extra accept on 44 sub-threshold draws), so that BAT keeps ~0.9x of
+        plain eta's throughput. Exactness-minded callers raise the budget or pass their own config."""
+        return cls(time_budget=time_budget, **{"lsq_refine": 0, **overrides})
+
     def __post_init__(self) -> None:
         if not 0.0 <= self.min_probability < 1e-3:
             raise BatError(f"min_probability={self.min_probability} must lie in [0, 1e-3) (default 1e-10)")

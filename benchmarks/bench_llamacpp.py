@@ -64,7 +64,7 @@ def main() -> int:
     llm = load_llama(path, n_ctx=args.max_tokens + 128, seed=0)
     t0 = time.perf_counter()
     bat = BatLlama(llm)
-    config = bat_core.BatConfig(time_budget=args.time_budget)
+    config = bat_core.BatConfig.for_generation(args.time_budget)
     bat.warm_up(config)
     prepare_s = time.perf_counter() - t0
     rule = rule_from(eta=args.eps)

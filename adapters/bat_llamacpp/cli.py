@@ -90,7 +90,7 @@ def generate(args: argparse.Namespace) -> dict[str, Any]:
     path = args.model or smollm2_path()
     rule = rule_from(**{args.rule: args.value})
     try:
-        config = bat_core.BatConfig(time_budget=args.time_budget)
+        config = bat_core.BatConfig.for_generation(args.time_budget)
     except bat_core.BatError as exc:
         raise bat_core.BatError(f"--time-budget: {exc}") from exc
     t0 = time.perf_counter()

@@ -145,9 +145,9 @@ class BatLlama:
     ) -> BatLogitsProcessor:
         """A new processor for one completion (its own seeded generator, HiGHS model and stats).
 
-        `config` defaults to the core's defaults with GENERATION_TIME_BUDGET (0: certificate search
+        `config` defaults to BatConfig.for_generation(GENERATION_TIME_BUDGET) (0: certificate search
         only, no LP): a token without a certificate is a counted, conservative reject."""
-        config = config or bat_core.BatConfig(time_budget=GENERATION_TIME_BUDGET)
+        config = config or bat_core.BatConfig.for_generation(GENERATION_TIME_BUDGET)
         return BatLogitsProcessor(self, rule_from(eta, epsilon, tau), mode, seed, config, record)
 
     def warm_up(self, config: bat_core.BatConfig | None = None) -> None:

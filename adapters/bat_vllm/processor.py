@@ -215,7 +215,7 @@ class BatLogitsProcessor(LogitsProcessor):
             self._retire(self.requests.pop(index, None))
             if settings is None:
                 continue
-            config = bat_core.BatConfig(time_budget=settings.time_budget)
+            config = bat_core.BatConfig.for_generation(settings.time_budget)
             sampler = bat_core.BatSampler(self.basis, settings.rule, seed=settings.seed, config=config)
             self.requests[index] = RequestState(sampler, settings.mode)
         for a, b, direction in batch_update.moved:

@@ -43,7 +43,7 @@ def make_processor(bat: BatLlama, sampler: str, parameter: float | None, seed: i
     if not sampler.startswith("bat-"):
         return EtaLogitsProcessor(rule, seed=seed)
     return bat.processor(
-        **{rule.kind: rule.value}, seed=seed, config=bat_core.BatConfig(time_budget=time_budget),
+        **{rule.kind: rule.value}, seed=seed, config=bat_core.BatConfig.for_generation(time_budget),
     )
 
 

@@ -125,7 +125,7 @@ class Decider:
     def __init__(self, basis: bat_core.Basis, positions: Positions, time_budget: float) -> None:
         self.basis = basis
         self.positions = positions
-        self.config = BatConfig(time_budget=time_budget)
+        self.config = BatConfig.for_generation(time_budget)  # the decisions generation makes
         self.solvers: dict[int, BatSolver] = {}
         self.decisions = 0
         self.fallbacks = 0

@@ -160,7 +160,7 @@ def kept_sets(basis: bat_core.Basis, positions: matching.Positions, matches: dic
     for method in ("bat-eta", "bat-epsilon"):
         theta = matches[level][method]["parameter"]
         sampler = bat_core.BatSampler(
-            basis, ThresholdRule(matching.rule_of(method), theta), config=bat_core.BatConfig(time_budget=settings.time_budget),
+            basis, ThresholdRule(matching.rule_of(method), theta), config=bat_core.BatConfig.for_generation(settings.time_budget),
             mask_candidates=settings.kept_candidates, mask_budget=60.0,
         )
         steps = []
