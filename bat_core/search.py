@@ -59,7 +59,7 @@ class WeightedLeastSquares:
         head = step.head[: self.B.shape[0]]
         p_head = step.p[head]
         out = []
-        for n, token in enumerate(np.asarray(candidates)):
+        for token in np.asarray(candidates):
             b = self._whitened_rows(np.array([token]), white).T  # [d+1, 1]
             z = self._solve(self.kernel_chol, b)
             for _ in range(iterations):
