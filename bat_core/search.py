@@ -53,7 +53,7 @@ class WeightedLeastSquares:
         with weights p_j * slope(c_j) / |c_j| (slope tau' where c_j > 0, 1 where c_j < 0), re-solved
         `iterations` times from the plain direction. Every iterate is a candidate: shape
         [d+1, n * iterations]. Costs a K x K Cholesky per iterate; on 240 real SmolLM2 candidates
-        (eta 0.0009) three iterations proved 152 instead of 142."""
+        (benchmarks/bench_certificates.py, eta 0.0009) three iterations proved 152 instead of 142."""
         step = self.step
         _, white = step.basis.whitening()
         head = step.head[: self.B.shape[0]]

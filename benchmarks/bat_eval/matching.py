@@ -169,11 +169,11 @@ class Matcher:
         rejects = pos.bat_rejects(tau)
         return float(rejects.mean()), float((rejects & pos.fallback).mean())
 
-    def curve(self, method: str, thetas: np.ndarray) -> list[float]:
-        """Shares over a grid; BAT grids are resolved middle-first so that brackets narrow fast."""
-        shares: dict[int, float] = {}
+    def curve(self, method: str, thetas: np.ndarray) -> list[tuple[float, float]]:
+        """`shares` over a grid; BAT grids are resolved middle-first so that brackets narrow fast."""
+        shares: dict[int, tuple[float, float]] = {}
         for k in bisection_order(len(thetas)):
-            shares[k] = self.share(method, float(thetas[k]))
+            shares[k] = self.shares(method, float(thetas[k]))
         return [shares[k] for k in range(len(thetas))]
 
     def match(self, method: str, target: float, tolerance: float, iterations: int = 24) -> dict:

@@ -123,9 +123,8 @@ def run_matching(out: str, name: str, settings: Settings, passages, llm, bat) ->
     grids = {}
     for method in matching.METHODS:
         thetas = np.geomspace(*matching.GRID_RANGE[matching.rule_of(method)], settings.grid_points)
-        shares = matcher.curve(method, thetas)
-        fallback = [matcher.shares(method, float(t))[1] for t in thetas]
-        grids[method] = {"parameters": thetas.tolist(), "shares": shares, "fallback_shares": fallback}
+        shares, unproven = zip(*matcher.curve(method, thetas))
+        grids[method] = {"parameters": thetas.tolist(), "shares": list(shares), "fallback_shares": list(unproven)}
         say(f"{name}: {method} grid done ({decider.decisions} BAT decisions, {decider.fallbacks} fallbacks)")
     matches = {}
     for level in settings.levels:

@@ -73,6 +73,15 @@ def plot_quality(out: str, results: dict) -> str:
     return path
 
 
+def table(title: str, header: list[str], rows: list[list[str]]) -> list[str]:
+    """A titled markdown table (nothing when there are no rows)."""
+    if not rows:
+        return []
+    return ["", title, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(row) + " |" for row in rows
+    ]
+
+
 def kept_summary(kept: dict) -> dict[str, Any]:
     out = {}
     for method, data in kept.items():
@@ -134,22 +143,21 @@ def write_report(out: str, settings, results: dict) -> None:
             lines.append(f"| {k} | " + " | ".join(fmt(q["summary"][k][c]) for c in cols) + " |")
         lines.append("| human | n/a | n/a | " + " | ".join(f"{q['human'][c]:.3f}" for c in cols[2:6]) + " | n/a |")
         kept = kept_summary(matched.get("kept", {}))
-        if kept:
-            lines += ["", "Accepted sets per step at the same tau (BAT's matched parameter):", "",
-                      "| method | steps | median size: threshold / BAT | mean mass: threshold / BAT | undecided mass | steps where BAT adds tokens |",
-                      "|---|---|---|---|---|---|"]
-            for m, k in kept.items():
-                lines.append(f"| {m} ({k['parameter']:.3g}) | {k['steps']} | {k['median_threshold_size']:.0f} / {k['median_bat_size']:.0f} | "
-                             f"{k['mean_threshold_mass']:.3f} / {k['mean_bat_mass']:.3f} | {k['mean_undecided_mass']:.3f} | "
-                             f"{k['steps_with_extra_tokens']:.0%} |")
+        lines += table(
+            "Accepted sets per step at the same tau (BAT's matched parameter):",
+            ["method", "steps", "median size: threshold / BAT", "mean mass: threshold / BAT", "undecided mass",
+             "steps where BAT adds tokens"],
+            [[f"{m} ({k['parameter']:.3g})", str(k["steps"]), f"{k['median_threshold_size']:.0f} / {k['median_bat_size']:.0f}",
+              f"{k['mean_threshold_mass']:.3f} / {k['mean_bat_mass']:.3f}", f"{k['mean_undecided_mass']:.3f}",
+              f"{k['steps_with_extra_tokens']:.0%}"] for m, k in kept.items()],
+        )
         audit = matched.get("audit", {})
-        if audit:
-            lines += ["", "Audit of BAT's rejects (sample re-decided by the exact LP with a longer budget):", "",
-                      "| method | rejects at the level | sampled | exact accept | exact reject | undecided | budget |",
-                      "|---|---|---|---|---|---|---|"]
-            for m, a in audit.items():
-                lines.append(f"| {m} ({a['parameter']:.3g}) | {a['rejects']} | {a['sampled']} | {a['accept']} | {a['reject']} | "
-                             f"{a['undecided']} | {a['budget']:g} s |")
+        lines += table(
+            "Audit of BAT's rejects (sample re-decided by the exact LP with a longer budget):",
+            ["method", "rejects at the level", "sampled", "exact accept", "exact reject", "undecided", "budget"],
+            [[f"{m} ({a['parameter']:.3g})", str(a["rejects"]), str(a["sampled"]), str(a["accept"]), str(a["reject"]),
+              str(a["undecided"]), f"{a['budget']:g} s"] for m, a in audit.items()],
+        )
         picked = examples(result["runs"])
         if picked:
             lines += ["", "Examples (tokens BAT took below tau in [[brackets]]):", ""]
