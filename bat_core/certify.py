@@ -112,12 +112,29 @@ class Step:
         self.__dict__["_rows"] = (np.array(tokens, copy=True), rows)
         return rows
 
-    def exact_products(self, tokens: np.ndarray, Y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def exact_set(self, token: int) -> np.ndarray:
+        """The head with `token` added, sorted: the tokens whose products a decision on `token` computes
+        exactly (the last one is kept: one decision asks for it several times)."""
+        cached = self.__dict__.get("_exact_set")
+        if cached is not None and cached[0] == token:
+            return cached[1]
+        exact = np.union1d(self.head, [token])
+        self.__dict__["_exact_set"] = (token, exact)
+        return exact
+
+    def head_products(self, tokens: np.ndarray, Y: np.ndarray) -> np.ndarray:
+        """u = W y_w on `tokens` in float64 (unscaled): what the methods below accept as `u` so that
+        one decision computes it once for all its certificate candidates (the products of -y are -u)."""
+        return self.rows(tokens) @ Y[: self.basis.hidden_size]
+
+    def exact_products(
+        self, tokens: np.ndarray, Y: np.ndarray, u: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(c, err, u) on `tokens` for certificates Y (shape [d+1, m]), in float64.
 
-        u = W y_w (unscaled), c = s u + y_0, |c - true c| <= err."""
+        u = W y_w (unscaled; computed unless given), c = s u + y_0, |c - true c| <= err."""
         d = self.basis.hidden_size
-        u = self.rows(tokens) @ Y[:d]
+        u = self.head_products(tokens, Y) if u is None else u
         s = self.scale_of(tokens)[:, None]
         c = s * u + Y[d]
         yw_norm = np.linalg.norm(Y[:d], axis=0)
@@ -140,7 +157,7 @@ class Step:
         return c, err
 
     # ------------------------------------------------------------------ certificate search
-    def with_best_offsets(self, Y: np.ndarray, token: int) -> np.ndarray:
+    def with_best_offsets(self, Y: np.ndarray, token: int, u: np.ndarray | None = None) -> np.ndarray:
         """Columns +-y with the constant component y_0 re-chosen to maximize `token`'s value on the
         head (the tail is left to the bounds).
 
@@ -149,11 +166,11 @@ class Step:
         the best y0 lets a mass of about tau - p_i fall below zero. A least-squares direction centres
         c on zero instead; re-choosing y0 turned 4 of 40 real SmolLM2 candidates into 26 of 40."""
         d = self.basis.hidden_size
-        exact = np.union1d(self.head, [token])
+        exact = self.exact_set(token)
         pos = int(np.searchsorted(exact, token))
-        u = self.rows(exact) @ Y[:d]
+        u = self.head_products(exact, Y) if u is None else u
         if self.scale is not None:
-            u *= self.scale[exact][:, None]
+            u = u * self.scale[exact][:, None]
         q = self.p[exact].copy()
         p_i, q[pos] = q[pos], 0.0
         total = q.sum()
@@ -172,7 +189,7 @@ class Step:
 
     # ------------------------------------------------------------------ values
     def candidate_values(
-        self, Y: np.ndarray, candidates: np.ndarray, exact_tokens: np.ndarray | None = None
+        self, Y: np.ndarray, candidates: np.ndarray, exact_tokens: np.ndarray | None = None, u: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Cheap check: lower bounds of max(value(y, i), value(-y, i)) for each y (column of Y) and
         candidate i, exact on the head (or `exact_tokens`) and the candidates, Cauchy-Schwarz on the rest.
@@ -181,7 +198,7 @@ class Step:
         above the tolerance, no full product can rescue that certificate."""
         exact = self.head if exact_tokens is None else exact_tokens
         exact = np.unique(np.concatenate([exact, candidates]))
-        c, err, u = self.exact_products(exact, Y)
+        c, err, u = self.exact_products(exact, Y, u)
         pos = np.searchsorted(exact, candidates)
         p_exact = self.p[exact][:, None]
         p_cand = self.p[candidates][None, :]
@@ -209,16 +226,14 @@ class Step:
         values, c_full = self.all_values(Y, exact, c, err, return_products=True)
         return values[:, candidates], c_full
 
-    def head_values(self, Y: np.ndarray, token: int) -> np.ndarray:
+    def head_values(self, Y: np.ndarray, token: int, u: np.ndarray | None = None) -> np.ndarray:
         """value(+-y, token) counting only the head and the token (no rounding bounds): an upper
         estimate that ranks certificate candidates before any product over the vocabulary."""
-        exact = np.union1d(self.head, [token])
+        exact = self.exact_set(token)
         pos = int(np.searchsorted(exact, token))
-        d = self.basis.hidden_size
-        c = self.rows(exact) @ Y[:d]
-        if self.scale is not None:
-            c *= self.scale[exact][:, None]
-        c += Y[d]
+        c = self.head_products(exact, Y) if u is None else u
+        c = c * self.scale[exact][:, None] if self.scale is not None else c.copy()
+        c += Y[self.basis.hidden_size]
         p = self.p[exact][:, None]
         best = np.full(Y.shape[1], -np.inf)
         for sign in (1.0, -1.0):
@@ -227,13 +242,13 @@ class Step:
             best = np.maximum(best, value)
         return best / (self.p[token] * np.abs(Y).max(axis=0))
 
-    def full_value(self, y: np.ndarray, token: int) -> float:
+    def full_value(self, y: np.ndarray, token: int, u: np.ndarray | None = None) -> float:
         """Rigorous lower bound of max(value(y, token), value(-y, token)) from one float32 product over
         the vocabulary (exact float64 on the head): the single-token case of `all_values`, without
         its [v, m] intermediates."""
         d = self.basis.hidden_size
-        exact = np.union1d(self.head, [token])
-        c_exact, err_exact, _ = self.exact_products(exact, y[:, None])
+        exact = self.exact_set(token)
+        c_exact, err_exact, _ = self.exact_products(exact, y[:, None], None if u is None else u[:, None])
         u = self.basis.matvec(y[:d]).astype(np.float64)
         s = self.scale
         c = u if s is None else s * u

@@ -270,16 +270,19 @@ class BatSolver:
         for token in pending:
             token = int(token)
             cand = np.array([token])
-            Yt = np.hstack([Y, step.with_best_offsets(Y, token)])
+            # the head products of Y serve every column below: the offset columns are +-Y with new constants
+            u = step.head_products(step.exact_set(token), Y)
+            Yt = np.hstack([Y, step.with_best_offsets(Y, token, u)])
+            ut = np.hstack([u, u, -u])
             tol = self.config.tol * float(step.tolerance_scale(cand)[0])
-            ranking = step.head_values(Yt, token)
+            ranking = step.head_values(Yt, token, ut)
             for col in np.argsort(-ranking)[: self.config.full_checks]:
                 if not ranking[col] > tol:
                     break  # the tail only lowers the value: no product can prove this column
                 y = Yt[:, col]
-                value = float(step.candidate_values(y[:, None], cand)[0][0, 0])  # cheap tail bound
+                value = float(step.candidate_values(y[:, None], cand, u=ut[:, [col]])[0][0, 0])  # cheap tail bound
                 if not value > tol:
-                    value = step.full_value(y, token)
+                    value = step.full_value(y, token, ut[:, col])
                 if value > tol:
                     found[token] = (AcceptCertificate(token, y.copy(), value), int(col) % Y.shape[1])
                     self._remember(found[token][0].y)
