@@ -144,6 +144,7 @@ class BatSolver:
         self._search_lps: dict[int, RequestLP] = {}
         self._step_id = 0
         self._rejects: list[RejectCertificate] = []
+        self._search: WeightedLeastSquares | None = None
         self._deadline = 0.0
 
     # ------------------------------------------------------------------ steps
@@ -158,6 +159,7 @@ class BatSolver:
         step = Step.build(self.basis, logits, tau, head_size=self.config.head_size)
         self._step_id += 1
         self._rejects = []
+        self._search = None  # the previous step's factorization (and the distribution it holds) can go
         self.stats.steps += 1
         return step
 
@@ -229,7 +231,7 @@ class BatSolver:
         if self._cache:
             columns += list(self._cache)
             labels += ["cache"] * len(self._cache)
-        search = WeightedLeastSquares(step, head_size=cfg.lsq_head)
+        search = self._least_squares(step)
         lsq = search.directions(pending)
         columns += list(lsq.T)
         labels += ["least-squares"] * lsq.shape[1]
@@ -251,6 +253,13 @@ class BatSolver:
         for t in pending:
             out[int(t)] = self._exact(step, int(t))
         return out
+
+    def _least_squares(self, step: Step) -> WeightedLeastSquares:
+        """The step's least-squares factorization, kept for the step's later candidates (the sampler's
+        redraws after a reject)."""
+        if self._search is None or self._search.step is not step:
+            self._search = WeightedLeastSquares(step, head_size=self.config.lsq_head)
+        return self._search
 
     def _accept_found(self, step: Step, pending: np.ndarray, Y: np.ndarray, labels: list[str], out: dict) -> np.ndarray:
         """Record the accepts that the candidates Y (columns named by `labels`) prove; return the
