@@ -242,13 +242,13 @@ class Step:
             best = np.maximum(best, value)
         return best / (self.p[token] * np.abs(Y).max(axis=0))
 
-    def full_value(self, y: np.ndarray, token: int, u: np.ndarray | None = None) -> float:
+    def full_value(self, y: np.ndarray, token: int, u_exact: np.ndarray | None = None) -> float:
         """Rigorous lower bound of max(value(y, token), value(-y, token)) from one float32 product over
         the vocabulary (exact float64 on the head): the single-token case of `all_values`, without
-        its [v, m] intermediates."""
+        its [v, m] intermediates. `u_exact`: W y_w on exact_set(token), if already computed."""
         d = self.basis.hidden_size
         exact = self.exact_set(token)
-        c_exact, err_exact, _ = self.exact_products(exact, y[:, None], None if u is None else u[:, None])
+        c_exact, err_exact, _ = self.exact_products(exact, y[:, None], None if u_exact is None else u_exact[:, None])
         u = self.basis.matvec(y[:d]).astype(np.float64)
         s = self.scale
         c = u if s is None else s * u

@@ -38,9 +38,10 @@ class BatConfig:
     lsq_head: int = 128  # tokens weighted in the least-squares certificate search (256 found no more on SmolLM2)
     lsq_refine: int = 3  # reweighted least-squares iterations per candidate (0: plain least squares only)
     search_levels: tuple[int, ...] = (32, 128)  # singular directions of the search LPs (() turns them off)
-    search_columns: int = 1024  # initial tokens in a search LP
+    search_columns: int = 256  # initial tokens in a search LP (1024: same accepts, slower, on 40 hard SmolLM2 candidates)
     search_rounds: int = 4  # column-generation rounds of a search LP
-    lp_columns: int = 1024  # initial working set of the exact LP
+    lp_columns: int = 128  # initial working set of the exact LP (1024 took 2-4x longer on hard SmolLM2 candidates)
+    lp_grow: int = 256  # tokens added per column-generation round of the exact LP
     lp_max_rounds: int = 12  # column-generation rounds before a fallback
     cache_size: int = 4  # recent certificates re-tried on new candidates (16 found no more on SmolLM2)
     full_checks: int = 1  # best-ranked certificate candidates per token checked over the whole vocabulary
@@ -66,7 +67,7 @@ class BatConfig:
         self.search_levels = tuple(int(k) for k in self.search_levels)
         if any(k < 1 for k in self.search_levels):
             raise BatError(f"search_levels={self.search_levels} must be positive numbers of directions")
-        for name in ("full_checks", "head_size", "lsq_head", "search_columns", "search_rounds", "lp_columns", "lp_max_rounds"):
+        for name in ("full_checks", "head_size", "lsq_head", "search_columns", "search_rounds", "lp_columns", "lp_grow", "lp_max_rounds"):
             if int(getattr(self, name)) < 1:
                 raise BatError(f"{name} must be a positive integer")
 
@@ -334,9 +335,10 @@ class BatSolver:
         if time.perf_counter() >= self._deadline:
             return self._fallback(token, "time budget")
         if self._lp is None:
-            self._lp = RequestLP(self.basis.hidden_size, max_columns=4 * cfg.lp_columns)
+            self._lp = RequestLP(self.basis.hidden_size, max_columns=max(4096, 4 * cfg.lp_columns))
         outcome = self._lp.solve(
-            step, self._step_id, token, step.head[: cfg.lp_columns], cfg.tol, self._deadline, max_rounds=cfg.lp_max_rounds
+            step, self._step_id, token, step.head[: cfg.lp_columns], cfg.tol, self._deadline,
+            max_rounds=cfg.lp_max_rounds, grow=cfg.lp_grow,
         )
         self.stats.lp_solves += outcome.solves
         self.stats.lp_rounds += outcome.rounds

@@ -133,3 +133,29 @@ def test_churn_returns_to_the_starting_state(llm):
     assert models_created() > created  # the churn did build per-request HiGHS models ...
     assert live_models() == models_before  # ... and every one was freed with its request
     assert sum(isinstance(o, bat_core.BatSampler) for o in gc.get_objects()) == samplers_before
+
+
+def test_a_failing_request_does_not_fail_the_others(llm, monkeypatch):
+    """A request whose BAT step raises keeps only its most probable token (greedy text); the others
+    come out exactly as without it, and the engine goes on."""
+    batch = [params(max_tokens=12, seed=1, bat_eta=0.0009, bat_seed=1), params(max_tokens=12, seed=3)]
+    healthy = texts(llm.generate(PROMPTS[:2], batch))
+    greedy = texts(llm.generate(PROMPTS[2:3], [vllm.SamplingParams(max_tokens=12, temperature=0.0)]))
+    original = bat_core.BatSampler.sample
+
+    def sample(self, logits):
+        if self.rule.value == 0.123:  # the one request this test breaks
+            raise RuntimeError("injected failure")
+        return original(self, logits)
+
+    monkeypatch.setattr(bat_core.BatSampler, "sample", sample)
+    [proc] = processors()
+    errors_before = proc.totals.get("errors", 0)
+    broken = params(max_tokens=12, seed=2, bat_tau=0.123)
+    out = texts(llm.generate(PROMPTS[:3], batch + [broken]))
+    flush(llm)
+    assert out[:2] == healthy
+    assert out[2] == greedy[0]
+    assert proc.totals["errors"] - errors_before == 12  # every step of the broken request, and only those
+    monkeypatch.undo()
+    assert texts(llm.generate(PROMPTS[:2], batch)) == healthy  # the engine goes on as before

@@ -18,6 +18,7 @@ bookkeeping; the sampler (and its HiGHS model, if it ever needed one) is freed w
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -38,6 +39,7 @@ MODES = ("sample", "mask", "threshold")  # threshold: the plain rule without BAT
 # relative span residual at first use: float32 engines give ~1e-6, 16-bit ones ~1e-3
 SPAN_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 3e-2, torch.float16: 3e-2}
 
+logger = logging.getLogger(__name__)
 _bases: dict[str, bat_core.Basis] = {}
 _bases_lock = threading.Lock()
 _engines: set[int] = set()  # vllm_config ids that already have an active BAT processor
@@ -159,6 +161,7 @@ def basis_for(model: str) -> bat_core.Basis:
 class RequestState:
     sampler: bat_core.BatSampler
     mode: str
+    errors: int = 0  # steps at which BAT raised for this request (see _after_failure)
 
 
 class BatLogitsProcessor(LogitsProcessor):
@@ -234,6 +237,7 @@ class BatLogitsProcessor(LogitsProcessor):
         for key, value in state.sampler.stats.as_dict().items():
             if isinstance(value, (int, float)):
                 self.totals[key] = self.totals.get(key, 0) + value
+        self.totals["errors"] = self.totals.get("errors", 0) + state.errors
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if not self.requests:
@@ -258,16 +262,10 @@ class BatLogitsProcessor(LogitsProcessor):
         keep_rows = []
         for k, index in enumerate(rows):
             state = self.requests[index]
-            if state.mode == "threshold":
-                p, tau = state.sampler.rule.probabilities_and_tau(raw[k][: self.vocab_size])
-                keep = np.flatnonzero(bat_core.truncate_mask(p, tau))
-            elif state.mode == "sample":
-                result = state.sampler.sample(raw[k])
-                keep = np.array([result.token])
-                if self.record_dir and result.below_tau and not result.fell_back_to_argmax:
-                    self._record(raw[k], result)
-            else:
-                keep = np.flatnonzero(state.sampler.mask(raw[k]).mask)
+            try:
+                keep = self._allowed_tokens(state, raw[k])
+            except Exception as exc:  # one request's failure must not fail the step of every other request
+                keep = self._after_failure(state, raw[k], exc)
             keep_rows.append(keep)
         # three tensor operations for the whole batch, whatever the number of rows
         row_ids = torch.as_tensor(np.repeat(rows, [len(keep) for keep in keep_rows]), device=logits.device)
@@ -276,6 +274,28 @@ class BatLogitsProcessor(LogitsProcessor):
         logits[torch.as_tensor(rows, device=logits.device)] = float("-inf")
         logits[row_ids, token_ids] = kept
         return logits
+
+    def _allowed_tokens(self, state: RequestState, z: np.ndarray) -> np.ndarray:
+        """The token ids this request may sample at this step (one id in sample mode)."""
+        if state.mode == "threshold":
+            p, tau = state.sampler.rule.probabilities_and_tau(z[: self.vocab_size])
+            return np.flatnonzero(bat_core.truncate_mask(p, tau))
+        if state.mode == "sample":
+            result = state.sampler.sample(z)
+            if self.record_dir and result.below_tau and not result.fell_back_to_argmax:
+                self._record(z, result)
+            return np.array([result.token])
+        return np.flatnonzero(state.sampler.mask(z).mask)
+
+    def _after_failure(self, state: RequestState, z: np.ndarray, exc: Exception) -> np.ndarray:
+        """A request whose BAT step raised keeps only its most probable token (the one token BAT always
+        allows), is logged once and counted in `totals["errors"]`; the other rows go on as usual."""
+        state.errors += 1
+        if state.errors == 1:
+            logger.warning("BAT failed on one request (%s: %s); it keeps only its most probable token at "
+                           "each step that fails, the other requests are not affected", type(exc).__name__, exc)
+        finite = np.where(np.isfinite(z[: self.vocab_size]), z[: self.vocab_size], -np.inf)
+        return np.array([int(np.argmax(finite))])
 
     def _record(self, z: np.ndarray, result: bat_core.SampleResult) -> None:
         cert = result.decisions[-1].certificate
