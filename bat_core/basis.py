@@ -8,26 +8,14 @@ computed here, once, and never copied per request.
 from __future__ import annotations
 
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
 from .errors import BatError
+from .threads import matvec_pool, matvec_threads
 
 _CHUNK_ROWS = 8192
-_MATVEC_THREADS = max(1, min(int(os.environ.get("BAT_MATVEC_THREADS", "0")) or (os.cpu_count() or 1), 8))
-_matvec_pool: ThreadPoolExecutor | None = None
-
-
-def _pool() -> ThreadPoolExecutor:
-    """Worker threads for W @ y: they sleep between products (BLAS threads would spin, and take
-    the cores an engine decodes on)."""
-    global _matvec_pool
-    if _matvec_pool is None:
-        _matvec_pool = ThreadPoolExecutor(_MATVEC_THREADS, thread_name_prefix="bat-matvec")
-    return _matvec_pool
 
 
 def as_float32_matrix(matrix: Any, name: str) -> np.ndarray:
@@ -193,7 +181,7 @@ class Basis:
         """W @ y in float32 over the whole vocabulary, split by rows over worker threads (the product
         is memory-bound: one thread reads W at about 13 GB/s here)."""
         y = np.ascontiguousarray(y, dtype=np.float32)
-        parts = _MATVEC_THREADS if self.vocab_size >= 16384 else 1
+        parts = matvec_threads() if self.vocab_size >= 16384 else 1
         if parts == 1:
             return self.W @ y
         out = np.empty(self.vocab_size, dtype=np.float32)
@@ -202,7 +190,7 @@ class Basis:
         def work(k: int) -> None:
             np.matmul(self.W[bounds[k] : bounds[k + 1]], y, out=out[bounds[k] : bounds[k + 1]])
 
-        list(_pool().map(work, range(parts)))
+        list(matvec_pool().map(work, range(parts)))
         return out
 
     def rows(self, token_ids: np.ndarray) -> np.ndarray:

@@ -22,7 +22,7 @@ sys.path[:0] = [os.path.join(os.path.dirname(__file__), "..", "adapters"), os.pa
 
 import bat_core  # noqa: E402
 from bat_llamacpp.models import smollm2_path  # noqa: E402
-from bat_llamacpp.processor import basis_for_file, limit_blas_threads  # noqa: E402
+from bat_llamacpp.processor import basis_for_file  # noqa: E402
 from bat_llamacpp.trajectories import load_llama, sampled_logits  # noqa: E402
 
 PROMPTS = ["Once upon a time", "The history of Rome", "Dear hiring manager,", "To bake bread, first"]
@@ -36,7 +36,7 @@ def main() -> int:
     parser.add_argument("--refine", type=int, nargs="+", default=[0, 3], help="lsq_refine values to compare")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    limit_blas_threads()
+    bat_core.limit_blas_threads()
     rule = bat_core.ThresholdRule(args.rule, args.value)
     logits = sampled_logits(load_llama(smollm2_path()), PROMPTS, args.steps)
     basis = basis_for_file(smollm2_path())

