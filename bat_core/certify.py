@@ -134,7 +134,10 @@ class Step:
 
         u = W y_w (unscaled; computed unless given), c = s u + y_0, |c - true c| <= err."""
         d = self.basis.hidden_size
-        u = self.head_products(tokens, Y) if u is None else u
+        if u is None:
+            u = self.head_products(tokens, Y)
+        elif u.shape != (len(tokens), Y.shape[1]):
+            raise ValueError(f"products of shape {u.shape} given for {len(tokens)} tokens and {Y.shape[1]} certificates")
         s = self.scale_of(tokens)[:, None]
         c = s * u + Y[d]
         yw_norm = np.linalg.norm(Y[:d], axis=0)
