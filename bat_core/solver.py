@@ -40,7 +40,7 @@ class BatConfig:
     search_levels: tuple[int, ...] = (32, 128)  # singular directions of the search LPs (() turns them off)
     search_columns: int = 256  # initial tokens in a search LP (1024: same accepts, slower, on 40 hard SmolLM2 candidates)
     search_rounds: int = 4  # column-generation rounds of a search LP
-    lp_columns: int = 128  # initial working set of the exact LP (1024 took 2-4x longer on hard SmolLM2 candidates)
+    lp_columns: int = 128  # initial working set of the exact LP (1024 took 2-8x longer on 5 hard SmolLM2 candidates)
     lp_grow: int = 256  # tokens added per column-generation round of the exact LP
     lp_max_rounds: int = 12  # column-generation rounds before a fallback
     cache_size: int = 4  # recent certificates re-tried on new candidates (16 found no more on SmolLM2)
