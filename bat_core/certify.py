@@ -199,6 +199,8 @@ class Step:
 
         Returns (lower [m, n], optimistic [m, n]). `optimistic` drops the tail bound: where it is not
         above the tolerance, no full product can rescue that certificate."""
+        if u is not None and (exact_tokens is not None or len(candidates) != 1):
+            raise ValueError("products `u` are accepted for one candidate on exact_set(candidate) only")
         exact = self.head if exact_tokens is None else exact_tokens
         exact = np.unique(np.concatenate([exact, candidates]))
         c, err, u = self.exact_products(exact, Y, u)

@@ -145,7 +145,7 @@ class BatSolver:
         self._search_lps: dict[int, RequestLP] = {}
         self._step_id = 0
         self._rejects: list[RejectCertificate] = []
-        self._search: WeightedLeastSquares | None = None
+        self._lsq: WeightedLeastSquares | None = None
         self._deadline = 0.0
 
     # ------------------------------------------------------------------ steps
@@ -160,7 +160,7 @@ class BatSolver:
         step = Step.build(self.basis, logits, tau, head_size=self.config.head_size)
         self._step_id += 1
         self._rejects = []
-        self._search = None  # the previous step's factorization (and the distribution it holds) can go
+        self._lsq = None  # the previous step's factorization (and the distribution it holds) can go
         self.stats.steps += 1
         return step
 
@@ -258,9 +258,9 @@ class BatSolver:
     def _least_squares(self, step: Step) -> WeightedLeastSquares:
         """The step's least-squares factorization, kept for the step's later candidates (the sampler's
         redraws after a reject)."""
-        if self._search is None or self._search.step is not step:
-            self._search = WeightedLeastSquares(step, head_size=self.config.lsq_head)
-        return self._search
+        if self._lsq is None or self._lsq.step is not step:
+            self._lsq = WeightedLeastSquares(step, head_size=self.config.lsq_head)
+        return self._lsq
 
     def _accept_found(self, step: Step, pending: np.ndarray, Y: np.ndarray, labels: list[str], out: dict) -> np.ndarray:
         """Record the accepts that the candidates Y (columns named by `labels`) prove; return the

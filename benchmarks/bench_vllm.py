@@ -45,9 +45,10 @@ def main() -> int:
         [proc] = active_processors()
         before = proc.apply_seconds
         prompts = (PROMPTS * (n // len(PROMPTS) + 1))[:n]
-        extra = lambda k: None if mode == "native" else {"bat_eta": args.eps, "bat_mode": mode, "bat_seed": k}  # noqa: E731
-        params = [vllm.SamplingParams(max_tokens=args.max_tokens, temperature=1.0, seed=k, ignore_eos=True,
-                                      extra_args=extra(k)) for k in range(n)]
+        params = [vllm.SamplingParams(
+            max_tokens=args.max_tokens, temperature=1.0, seed=k, ignore_eos=True,
+            extra_args=None if mode == "native" else {"bat_eta": args.eps, "bat_mode": mode, "bat_seed": k},
+        ) for k in range(n)]
         start = time.perf_counter()
         outputs = llm.generate(prompts, params, use_tqdm=False)
         seconds = time.perf_counter() - start
