@@ -90,6 +90,7 @@ class Basis:
         self._whitening: tuple[np.ndarray, np.ndarray] | None = None
         self._eigvec: np.ndarray | None = None
         self._reduced: dict[int, Basis] = {}
+        self._device_W: Any = None  # a torch copy of W where set_matvec_device put the product
 
     # ----------------------------------------------------------------- distributions
     def probabilities(self, logits: Any) -> np.ndarray:
@@ -177,10 +178,34 @@ class Basis:
         return float(np.linalg.norm(z - fitted) / max(np.linalg.norm(centred), 1e-30))
 
     # ----------------------------------------------------------------- helpers for the core
+    def set_matvec_device(self, device: Any) -> None:
+        """Run the product over the vocabulary with torch on `device` (e.g. the engine's GPU, which the
+        logits come from), or on numpy again with None. It keeps a float32 copy of W there (4 v d bytes).
+
+        The certificates' rounding bound holds for any summation order and fused multiply-adds; it
+        would not hold for TensorFloat-32, which torch's float32 matrix-vector product never uses
+        (`bench_vllm_gpu.py` measures the product's error against the bound on the GPU)."""
+        if device is None:
+            self._device_W = None
+            return
+        import torch
+
+        device = torch.device(device)
+        if self._device_W is None or self._device_W.device != device:
+            self._device_W = torch.from_numpy(self.W).to(device)
+
+    @property
+    def matvec_device(self) -> str:
+        return "numpy" if self._device_W is None else str(self._device_W.device)
+
     def matvec(self, y: np.ndarray) -> np.ndarray:
         """W @ y in float32 over the whole vocabulary, split by rows over worker threads (the product
-        is memory-bound: one thread reads W at about 13 GB/s here)."""
+        is memory-bound: one thread reads W at about 13 GB/s here), or on set_matvec_device's device."""
         y = np.ascontiguousarray(y, dtype=np.float32)
+        if self._device_W is not None:
+            import torch
+
+            return torch.mv(self._device_W, torch.from_numpy(y).to(self._device_W.device)).cpu().numpy()
         parts = matvec_threads() if self.vocab_size >= 16384 else 1
         if parts == 1:
             return self.W @ y

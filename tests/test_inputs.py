@@ -132,3 +132,20 @@ def test_product_over_the_vocabulary_is_the_same_on_any_number_of_threads(monkey
     bound = (8 + 3) * 2.0**-24 * np.linalg.norm(big.astype(np.float64), axis=1) * np.linalg.norm(y.astype(np.float64))
     for result in results:
         assert np.all(np.abs(result - exact) <= bound)
+
+
+def test_product_on_a_torch_device_keeps_the_rounding_bound():
+    """Basis.set_matvec_device moves the product over the vocabulary to torch (the vLLM processor puts it
+    on the logits' GPU; CI has none, so torch's CPU device stands in and a GPU is added when present)."""
+    torch = pytest.importorskip("torch")
+    big = rng.normal(size=(20000, 16)).astype(np.float32)
+    y = (rng.normal(size=16) * 100).astype(np.float32)
+    exact = big.astype(np.float64) @ y.astype(np.float64)
+    bound = (16 + 3) * 2.0**-24 * np.linalg.norm(big.astype(np.float64), axis=1) * np.linalg.norm(y.astype(np.float64))
+    basis = bat_core.Basis(big)
+    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        basis.set_matvec_device(device)
+        assert basis.matvec_device.startswith(device)
+        assert np.all(np.abs(basis.matvec(y) - exact) <= bound)
+    basis.set_matvec_device(None)
+    assert basis.matvec_device == "numpy"

@@ -189,6 +189,10 @@ class BatLogitsProcessor(LogitsProcessor):
         self._basis: bat_core.Basis | None = None
         self._span_checked = False
         self.record_dir = os.environ.get("BAT_VLLM_RECORD_DIR")  # tests: every sub-tau token's proof
+        # "auto": BAT's product over the vocabulary runs on the GPU the logits are on; "cpu": on numpy
+        self.matvec_device = os.environ.get("BAT_MATVEC_DEVICE", "auto")
+        if self.matvec_device not in ("auto", "cpu"):
+            raise BatError(f"BAT_MATVEC_DEVICE={self.matvec_device!r}: use 'auto' (the logits' GPU) or 'cpu'")
         self.apply_seconds = 0.0  # wall time in apply (BAT requests present)
         self.totals: dict[str, float] = {}  # decisions of the requests that left (core BatStats summed)
 
@@ -263,6 +267,8 @@ class BatLogitsProcessor(LogitsProcessor):
                     f"residual {residual:.2g} > {self.span_tolerance}): BAT refuses to sample on them"
                 )
             self._span_checked = True
+            if logits.is_cuda and self.matvec_device == "auto":
+                self.basis.set_matvec_device(logits.device)
         keep_rows = []
         for k, index in enumerate(rows):
             state = self.requests[index]
