@@ -49,6 +49,36 @@ class MaskResult:
     accepted_below_tau_ids: np.ndarray  # the proven sub-threshold tokens (argmax excluded)
 
 
+class BlockCdf:
+    """Inverse-CDF draws from p without a cumulative sum over the whole vocabulary: the block sums find
+    the block, a cumulative sum of that block finds the token (numpy's cumsum over SmolLM2's 49k
+    probabilities took 0.17 ms per sampled step, a fifth of the step when no decision is needed)."""
+
+    BLOCK = 256
+
+    def __init__(self, p: np.ndarray) -> None:
+        self.p = p
+        full = len(p) // self.BLOCK * self.BLOCK
+        sums = p[:full].reshape(-1, self.BLOCK).sum(axis=1)
+        if full < len(p):
+            sums = np.append(sums, p[full:].sum())
+        self.block_cdf = np.cumsum(sums)
+        self.total = float(self.block_cdf[-1])
+
+    def token_at(self, r: float) -> int:
+        """The token whose interval of the cumulative distribution holds r (0 <= r < total); tokens
+        with p = 0 have empty intervals and are never returned."""
+        r = min(r, float(np.nextafter(self.total, 0.0)))  # random() * total can round up to total
+        block = int(np.searchsorted(self.block_cdf, r, side="right"))
+        start = block * self.BLOCK
+        inside = self.p[start : start + self.BLOCK]
+        offset = r - (self.block_cdf[block - 1] if block else 0.0)
+        k = int(np.searchsorted(np.cumsum(inside), offset, side="right"))
+        if k >= len(inside):  # the block's sum and its cumulative sum round differently: its last token
+            k = int(np.flatnonzero(inside)[-1])
+        return start + k
+
+
 class BatSampler:
     """BAT for one request: threshold rule, mode, seed, warm HiGHS model and statistics."""
 
@@ -85,12 +115,11 @@ class BatSampler:
     def sample(self, logits: Any) -> SampleResult:
         """One token by the paper's sampler, on the model's raw (temperature 1) logits."""
         step = self.solver.new_step(logits, self.rule)
-        cdf = np.cumsum(step.p)
-        total = cdf[-1]
+        cdf = BlockCdf(step.p)
         removed: set[int] = set()
         result = SampleResult(-1, step.tau, 0.0)
         while len(result.decisions) < self.max_rejections:
-            token = self._draw(cdf, total, removed)
+            token = self._draw(cdf, removed)
             if token is None:
                 break
             if step.p[token] >= step.tau:  # most draws: no candidate bookkeeping needed
@@ -106,15 +135,14 @@ class BatSampler:
         result.fell_back_to_argmax = True
         return result
 
-    def _draw(self, cdf: np.ndarray, total: float, removed: set[int]) -> int | None:
+    def _draw(self, cdf: BlockCdf, removed: set[int]) -> int | None:
         """A draw from p without the removed tokens (rejection on the removed set = sampling without
         replacement)."""
-        left = total - sum(float(cdf[t] - (cdf[t - 1] if t else 0.0)) for t in removed)
-        if left <= total * 1e-12:
+        left = cdf.total - sum(float(cdf.p[t]) for t in removed)
+        if left <= cdf.total * 1e-12:
             return None
         for _ in range(10_000):
-            token = int(np.searchsorted(cdf, self.rng.random() * total, side="right"))
-            token = min(token, len(cdf) - 1)
+            token = cdf.token_at(self.rng.random() * cdf.total)
             if token not in removed:
                 return token
         return None

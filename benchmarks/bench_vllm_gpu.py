@@ -186,6 +186,49 @@ def product_check(basis, device, trials: int = 20) -> dict:
     return result
 
 
+def core_decisions(basis, logits: np.ndarray, device, candidates: int, seed: int = 0) -> dict:
+    """The core's certificate-search decisions (time_budget 0, the adapters' generation default) with the
+    product over the vocabulary on numpy and on `device`, candidate by candidate on the same solvers'
+    history: sub-threshold tokens drawn from p below tau as bench_core.py draws them."""
+    import bat_core
+
+    rules = {"eta_0.0009": bat_core.ThresholdRule("eta", 0.0009), "tau_0.1": bat_core.ThresholdRule("tau", 0.1)}
+    products = {"numpy": None, "device": device}
+    report = {}
+    for name, rule in rules.items():
+        rng = np.random.default_rng(seed)
+        times = {key: [] for key in products}
+        accepted = {key: [] for key in products}
+        for trajectory in range(logits.shape[0]):
+            solvers = {key: bat_core.BatSolver(basis, bat_core.BatConfig(time_budget=0.0)) for key in products}
+            for z in logits[trajectory]:
+                step = solvers["numpy"].new_step(z, rule)
+                below = np.flatnonzero(step.p < step.tau)
+                below = below[below != step.argmax]
+                if below.size == 0:
+                    continue
+                token = int(rng.choice(below, p=step.p[below] / step.p[below].sum()))
+                for key, where in products.items():
+                    basis.set_matvec_device(where)
+                    start = time.perf_counter()
+                    decision = solvers[key].decide(solvers[key].new_step(z, rule), [token])[0]
+                    times[key].append(time.perf_counter() - start)
+                    accepted[key].append(bool(decision.accepted))
+            if len(times["numpy"]) >= candidates:
+                break
+        basis.set_matvec_device(None)
+        report[name] = {key: {"candidates": len(times[key][:candidates]),
+                              "median_ms": 1000 * float(np.median(times[key][:candidates])),
+                              "p99_ms": 1000 * float(np.percentile(times[key][:candidates], 99)),
+                              "accepted": int(sum(accepted[key][:candidates]))} for key in products}
+        report[name]["same_decisions"] = accepted["numpy"][:candidates] == accepted["device"][:candidates]
+        print(f"core, {name}: " + "  ".join(
+            f"{key} product median {r['median_ms']:.2f} ms p99 {r['p99_ms']:.1f} ms, {r['accepted']}/{r['candidates']} "
+            "accepted" for key, r in report[name].items() if isinstance(r, dict))
+            + f"  same decisions: {report[name]['same_decisions']}", flush=True)
+    return report
+
+
 def decision_summary(totals: dict) -> str:
     below = totals.get("candidates", 0) - totals.get("by_threshold", 0)
     seconds = totals.get("seconds", 0.0)
@@ -193,7 +236,8 @@ def decision_summary(totals: dict) -> str:
             f"{1000 * seconds / max(below, 1):.2f} ms each in the core")
 
 
-def run(pack: str, out: str, concurrency: list[int], steps: int, eps: float, threads: int | None) -> None:
+def run(pack: str, out: str, concurrency: list[int], steps: int, eps: float, threads: int | None,
+        core_candidates: int) -> None:
     import torch
     from safetensors.torch import save_file
 
@@ -289,6 +333,8 @@ def run(pack: str, out: str, concurrency: list[int], steps: int, eps: float, thr
             transfer[n] = 1000 * float(np.median(samples))
         checks["logits_to_cpu_ms"] = transfer
         checks["product"] = product_check(processors["gpu"][0].basis, gpu)
+        every_row = (hidden_dev @ W_dev.T).cpu().numpy()  # [requests, steps, vocab]
+        checks["core"] = core_decisions(processors["gpu"][0].basis, every_row, gpu, core_candidates)
         print("logits to the CPU (median ms): " + ", ".join(f"{n} rows {ms:.3f}" for n, ms in transfer.items()))
         print(f"product over the vocabulary: {json.dumps(checks['product'])}")
     info = {"vllm_types": kind, "torch": torch.__version__, "device": torch.cuda.get_device_name() if gpu else "cpu",
@@ -314,12 +360,13 @@ def main() -> int:
     r.add_argument("--steps", type=int, default=48)
     r.add_argument("--eps", type=float, default=0.0009)
     r.add_argument("--threads", type=int, default=None, help="torch threads (and so BAT's product threads)")
+    r.add_argument("--core-candidates", type=int, default=200, help="per setting, for the core's decision times")
     r.add_argument("--out", default=os.path.join(HERE, "results", "vllm_gpu_smollm2.json"))
     args = parser.parse_args()
     if args.command == "prepare":
         prepare(args.out, args.requests, args.steps)
     else:
-        run(args.pack, args.out, args.concurrency, args.steps, args.eps, args.threads)
+        run(args.pack, args.out, args.concurrency, args.steps, args.eps, args.threads, args.core_candidates)
     return 0
 
 

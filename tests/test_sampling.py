@@ -97,3 +97,22 @@ def test_reduced_basis_is_a_relaxation():
         assert not (small & ~full).any()  # reduction never accepts more
         lost += int((full & ~small).sum())
     assert lost > 0  # and it does lose accepts: the test can fail both ways
+
+
+def test_block_cdf_draws_the_tokens_of_the_full_cumulative_sum():
+    """The sampler's two-level inverse CDF returns the token a cumulative sum over the whole vocabulary
+    returns (up to a rounding tie), and never a token of probability 0, at the ends of [0, total) too."""
+    from bat_core.sampler import BlockCdf
+
+    rng = np.random.default_rng(11)
+    for v in (1, 7, 256, 300, 1000, 49152):
+        p = rng.random(v) ** 8
+        p[rng.random(v) < 0.3] = 0.0
+        p[-1] = 0.0 if v > 1 else 1.0  # a zero-probability last token: the end of [0, total) must skip it
+        p /= p.sum()
+        cdf, full = BlockCdf(p), np.cumsum(p)
+        for r in [*rng.random(500) * cdf.total, 0.0, cdf.total, np.nextafter(cdf.total, 0.0)]:
+            token = cdf.token_at(float(r))
+            assert p[token] > 0
+            expected = min(int(np.searchsorted(full, r, side="right")), v - 1)
+            assert token == expected or min(abs(full[token] - r), abs(full[token - 1] - r)) < 1e-12
