@@ -16,6 +16,7 @@ from .errors import BatError
 from .threads import matvec_pool, matvec_threads
 
 _CHUNK_ROWS = 8192
+_DEVICE_BLOCK_ROWS = 16384  # rows per elementwise product on the device (a 16384 x d float32 temporary)
 
 
 def as_float32_matrix(matrix: Any, name: str) -> np.ndarray:
@@ -182,9 +183,10 @@ class Basis:
         """Run the product over the vocabulary with torch on `device` (e.g. the engine's GPU, which the
         logits come from), or on numpy again with None. It keeps a float32 copy of W there (4 v d bytes).
 
-        The certificates' rounding bound holds for any summation order and fused multiply-adds; it
-        would not hold for TensorFloat-32, which torch's float32 matrix-vector product never uses
-        (`bench_vllm_gpu.py` measures the product's error against the bound on the GPU)."""
+        The certificates' rounding bound holds for any summation order and fused multiply-adds, but
+        not for TensorFloat-32, which a GPU matrix product may use (torch's TF32 settings are global
+        and belong to the engine): the product is therefore an elementwise multiply and a float32 sum,
+        which no TF32 setting touches (`bench_vllm_gpu.py` measures its error against the bound)."""
         if device is None:
             self._device_W = None
             return
@@ -203,9 +205,7 @@ class Basis:
         is memory-bound: one thread reads W at about 13 GB/s here), or on set_matvec_device's device."""
         y = np.ascontiguousarray(y, dtype=np.float32)
         if self._device_W is not None:
-            import torch
-
-            return torch.mv(self._device_W, torch.from_numpy(y).to(self._device_W.device)).cpu().numpy()
+            return self._device_product(y)
         parts = matvec_threads() if self.vocab_size >= 16384 else 1
         if parts == 1:
             return self.W @ y
@@ -217,6 +217,18 @@ class Basis:
 
         list(matvec_pool().map(work, range(parts)))
         return out
+
+    def _device_product(self, y: np.ndarray) -> np.ndarray:
+        """W @ y on the device in plain float32 arithmetic, by blocks of rows."""
+        import torch
+
+        W = self._device_W
+        y_dev = torch.from_numpy(y).to(W.device)
+        out = torch.empty(W.shape[0], dtype=torch.float32, device=W.device)
+        for start in range(0, W.shape[0], _DEVICE_BLOCK_ROWS):
+            stop = start + _DEVICE_BLOCK_ROWS
+            torch.sum(W[start:stop] * y_dev, dim=1, out=out[start:stop])
+        return out.cpu().numpy()
 
     def rows(self, token_ids: np.ndarray) -> np.ndarray:
         """Rows of W for token_ids as float64 (a small gather)."""

@@ -149,7 +149,8 @@ def request_params(mode: str | None, seed: int, eps: float) -> object:
 
 def product_check(basis, device, trials: int = 20) -> dict:
     """The device's float32 product W y against float64, as a share of the certificates' rounding bound,
-    with TensorFloat-32 matrix products allowed and not; and its time against numpy's."""
+    with TensorFloat-32 matrix products allowed and not (the core's device product must not depend on
+    that global setting); and its time against numpy's."""
     import torch
 
     U32 = 2.0**-24

@@ -268,7 +268,7 @@ class BatLogitsProcessor(LogitsProcessor):
                 )
             self._span_checked = True
             if logits.is_cuda and self.matvec_device == "auto":
-                self.basis.set_matvec_device(logits.device)
+                self._product_on(logits.device)
         keep_rows = []
         for k, index in enumerate(rows):
             state = self.requests[index]
@@ -284,6 +284,16 @@ class BatLogitsProcessor(LogitsProcessor):
         logits[torch.as_tensor(rows, device=logits.device)] = float("-inf")
         logits[row_ids, token_ids] = kept
         return logits
+
+    def _product_on(self, device: torch.device) -> None:
+        """BAT's product over the vocabulary on the logits' GPU: a float32 copy of W there, outside
+        vLLM's memory budget. Without room for it the product stays on numpy (same decisions, slower)."""
+        try:
+            self.basis.set_matvec_device(device)
+        except torch.OutOfMemoryError:
+            logger.warning("no GPU memory for BAT's copy of W (%.0f MB): its product over the vocabulary "
+                           "stays on the CPU; lower gpu_memory_utilization to give it room",
+                           4 * self.basis.vocab_size * self.basis.hidden_size / 1e6)
 
     def _allowed_tokens(self, state: RequestState, z: np.ndarray) -> np.ndarray:
         """The token ids this request may sample at this step (one id in sample mode)."""
