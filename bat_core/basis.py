@@ -8,6 +8,7 @@ computed here, once, and never copied per request.
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any
 
 import numpy as np
@@ -88,6 +89,7 @@ class Basis:
         self.row_norm_l1 = row_norm_l1  # ||w_j||_1: scales the solver tolerance per token
         self.gram = gram  # A^T A in float64: bounds sum_j c_j^2 over any token set exactly (up to 1e-12)
         self.abs_gram = np.abs(gram[:d, :d])  # scales the rounding slack of y' G y
+        self._lazy = threading.RLock()  # the caches below are built once, also when requests run in threads
         self._whitening: tuple[np.ndarray, np.ndarray] | None = None
         self._eigvec: np.ndarray | None = None
         self._reduced: dict[int, Basis] = {}
@@ -237,33 +239,41 @@ class Basis:
     def whitening(self) -> tuple[np.ndarray, np.ndarray]:
         """(L^-1, whitened rows [W,1] L^-T in float32) with L L^T = Gram: a metric in which the
         Cauchy-Schwarz tail bound of a certificate is its Euclidean norm. Built once, on first use."""
-        if self._whitening is None:
-            d1 = self.hidden_size + 1
-            jitter = 1e-9 * np.trace(self.gram) / d1
-            chol = np.linalg.cholesky(self.gram + jitter * np.eye(d1))
-            chol_inv = np.linalg.inv(chol)
-            transform = np.ascontiguousarray(chol_inv.T[: self.hidden_size].astype(np.float32))
-            ones_row = chol_inv.T[self.hidden_size].astype(np.float32)
-            white = np.empty((self.vocab_size, d1), dtype=np.float32)
-            for start in range(0, self.vocab_size, _CHUNK_ROWS):
-                block = self.W[start : start + _CHUNK_ROWS]
-                np.matmul(block, transform, out=white[start : start + len(block)])
-                white[start : start + len(block)] += ones_row
-            self._whitening = (chol_inv, white)
+        if self._whitening is not None:
+            return self._whitening
+        with self._lazy:
+            if self._whitening is None:
+                self._build_whitening()
         return self._whitening
+
+    def _build_whitening(self) -> None:
+        d1 = self.hidden_size + 1
+        jitter = 1e-9 * np.trace(self.gram) / d1
+        chol = np.linalg.cholesky(self.gram + jitter * np.eye(d1))
+        chol_inv = np.linalg.inv(chol)
+        transform = np.ascontiguousarray(chol_inv.T[: self.hidden_size].astype(np.float32))
+        ones_row = chol_inv.T[self.hidden_size].astype(np.float32)
+        white = np.empty((self.vocab_size, d1), dtype=np.float32)
+        for start in range(0, self.vocab_size, _CHUNK_ROWS):
+            block = self.W[start : start + _CHUNK_ROWS]
+            np.matmul(block, transform, out=white[start : start + len(block)])
+            white[start : start + len(block)] += ones_row
+        self._whitening = (chol_inv, white)
 
     def singular_directions(self, k: int) -> np.ndarray:
         """The top-k right singular vectors of W (d x k, float64), from the Gram matrix."""
-        if self._eigvec is None:
-            _, eigvec = np.linalg.eigh(self.gram[: self.hidden_size, : self.hidden_size])
-            self._eigvec = eigvec[:, ::-1]
+        with self._lazy:
+            if self._eigvec is None:
+                _, eigvec = np.linalg.eigh(self.gram[: self.hidden_size, : self.hidden_size])
+                self._eigvec = eigvec[:, ::-1]
         return self._eigvec[:, :k]
 
     def reduced_cached(self, directions: int) -> "Basis":
         """`reduced(directions)`, built once per model and shared by all requests."""
         directions = min(directions, self.hidden_size)
-        if directions not in self._reduced:
-            self._reduced[directions] = self.reduced(directions)
+        with self._lazy:
+            if directions not in self._reduced:
+                self._reduced[directions] = self.reduced(directions)
         return self._reduced[directions]
 
     def reduced(self, directions: int) -> "Basis":

@@ -167,3 +167,38 @@ def test_a_failing_request_does_not_fail_the_others(llm, monkeypatch):
     assert proc.totals["errors"] - errors_before == 12  # every step of the broken request, and only those
     monkeypatch.undo()
     assert texts(llm.generate(PROMPTS[:2], batch)) == healthy  # the engine goes on as before
+
+
+def test_rows_decided_in_parallel_give_the_same_tokens(folder, monkeypatch):
+    """BAT_ROW_THREADS (the default with GPU logits, which CI has not) decides a step's rows in threads:
+    the processor, driven directly with vLLM's own BatchUpdate and SamplingParams on real SmolLM2 logits
+    from llama.cpp, allows the same tokens at every step as with the rows one by one."""
+    from types import SimpleNamespace
+
+    from bat_llamacpp.models import smollm2_path
+    from bat_llamacpp.trajectories import load_llama, sampled_logits
+    from vllm.v1.sample.logits_processor import BatchUpdate
+
+    rows = sampled_logits(load_llama(smollm2_path()), PROMPTS, steps=6, seed=0)  # [4 prompts x 6 steps, v]
+    vocab = rows.shape[1]
+    outputs, configs = {}, []  # configs kept alive: the processor tells engines apart by their id
+    for threads in ("1", "3"):
+        monkeypatch.setenv("BAT_ROW_THREADS", threads)
+        configs.append(SimpleNamespace(model_config=SimpleNamespace(model=folder, dtype=torch.float32,
+                                                                    get_vocab_size=lambda: vocab)))
+        proc = BatLogitsProcessor(configs[-1], torch.device("cpu"), False)
+        added = [(k, vllm.SamplingParams(seed=k, extra_args={"bat_eta": 0.0009, "bat_seed": k}), None, [])
+                 for k in range(8)]
+        proc.update_state(BatchUpdate(batch_size=8, removed=[], added=added, moved=[]))
+        allowed = []
+        for t in range(6):
+            logits = torch.from_numpy(np.stack([rows[(k % 4) * 6 + t] for k in range(8)]).astype(np.float32))
+            allowed.append(torch.isfinite(proc.apply(logits)).nonzero().tolist())
+            proc.update_state(None)
+        assert (proc._row_pool is not None) == (threads != "1")
+        proc.update_state(BatchUpdate(batch_size=0, removed=list(range(8)), added=[], moved=[]))
+        outputs[threads] = (allowed, dict(proc.totals))
+    assert outputs["3"][0] == outputs["1"][0]
+    assert all(len(step) == 8 for step in outputs["3"][0])  # one token per row in sample mode
+    totals = outputs["3"][1]
+    assert totals["candidates"] - totals["by_threshold"] > 0 and totals["errors"] == 0  # decisions ran in threads

@@ -23,6 +23,7 @@ import os
 import threading
 import time
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -193,6 +194,11 @@ class BatLogitsProcessor(LogitsProcessor):
         self.matvec_device = os.environ.get("BAT_MATVEC_DEVICE", "auto")
         if self.matvec_device not in ("auto", "cpu"):
             raise BatError(f"BAT_MATVEC_DEVICE={self.matvec_device!r}: use 'auto' (the logits' GPU) or 'cpu'")
+        self._row_pool: ThreadPoolExecutor | None = None  # BAT rows decided in parallel (GPU logits)
+        row_threads = os.environ.get("BAT_ROW_THREADS", "0") or "0"
+        if not row_threads.isdigit() or int(row_threads) > 64:
+            raise BatError(f"BAT_ROW_THREADS={row_threads!r}: use a thread count from 1 to 64 (0 or unset: automatic)")
+        self.row_threads = int(row_threads)
         self.apply_seconds = 0.0  # wall time in apply (BAT requests present)
         self.totals: dict[str, float] = {}  # decisions of the requests that left (core BatStats summed)
 
@@ -269,14 +275,19 @@ class BatLogitsProcessor(LogitsProcessor):
             self._span_checked = True
             if logits.is_cuda and self.matvec_device == "auto":
                 self._product_on(logits.device)
-        keep_rows = []
-        for k, index in enumerate(rows):
-            state = self.requests[index]
+            self._start_row_threads(logits.is_cuda)
+
+        def decide_row(k: int) -> np.ndarray:
+            state = self.requests[rows[k]]
             try:
-                keep = self._allowed_tokens(state, raw[k])
+                return self._allowed_tokens(state, raw[k])
             except Exception as exc:  # one request's failure must not fail the step of every other request
-                keep = self._after_failure(state, raw[k], exc)
-            keep_rows.append(keep)
+                return self._after_failure(state, raw[k], exc)
+
+        if self._row_pool is not None and len(rows) > 1:
+            keep_rows = list(self._row_pool.map(decide_row, range(len(rows))))
+        else:
+            keep_rows = [decide_row(k) for k in range(len(rows))]
         # three tensor operations for the whole batch, whatever the number of rows
         row_ids = torch.as_tensor(np.repeat(rows, [len(keep) for keep in keep_rows]), device=logits.device)
         token_ids = torch.as_tensor(np.concatenate(keep_rows), device=logits.device)
@@ -284,6 +295,16 @@ class BatLogitsProcessor(LogitsProcessor):
         logits[torch.as_tensor(rows, device=logits.device)] = float("-inf")
         logits[row_ids, token_ids] = kept
         return logits
+
+    def _start_row_threads(self, gpu_logits: bool) -> None:
+        """With the logits on a GPU the host's cores are free while BAT decides: the rows (requests) are
+        decided in parallel, each request on its own sampler and generator, so a seed gives the same
+        text. Next to vLLM's CPU backend they stay on one thread (more threads took the cores the engine
+        decodes on). BAT_ROW_THREADS sets the count either way."""
+        threads = self.row_threads or (min(8, len(os.sched_getaffinity(0))) if gpu_logits else 1)
+        if threads > 1:
+            self.basis.whitening()  # every decision's least squares reads it: built before the threads start
+            self._row_pool = ThreadPoolExecutor(threads, thread_name_prefix="bat-rows")
 
     def _product_on(self, device: torch.device) -> None:
         """BAT's product over the vocabulary on the logits' GPU: a float32 copy of W there, outside
