@@ -245,7 +245,7 @@ def run(pack: str, out: str, concurrency: list[int], steps: int, eps: float, thr
     if threads:
         torch.set_num_threads(threads)  # the processor gives its product as many threads as torch has
     kind = vllm_types()
-    from bat_vllm.processor import BatLogitsProcessor
+    from bat_vllm.processor import BatLogitsProcessor, usable_cores
     from vllm.v1.sample.logits_processor import BatchUpdate
 
     import bat_core
@@ -260,7 +260,7 @@ def run(pack: str, out: str, concurrency: list[int], steps: int, eps: float, thr
     hidden_dev = torch.from_numpy(hidden).to(compute)
     # (name, where the logits are, the processor's settings); one processor each for the whole run, as one
     # per engine, each with its own checkpoint folder so that each has its own Basis
-    parallel = str(min(8, len(os.sched_getaffinity(0))))
+    parallel = str(min(8, usable_cores()))
     variants = [("cpu", "cpu", {"BAT_ROW_THREADS": "1"}),
                 ("cpu, rows in parallel", "cpu", {"BAT_ROW_THREADS": parallel})]
     if gpu is not None:

@@ -187,18 +187,22 @@ def test_rows_decided_in_parallel_give_the_same_tokens(folder, monkeypatch):
         configs.append(SimpleNamespace(model_config=SimpleNamespace(model=folder, dtype=torch.float32,
                                                                     get_vocab_size=lambda: vocab)))
         proc = BatLogitsProcessor(configs[-1], torch.device("cpu"), False)
-        added = [(k, vllm.SamplingParams(seed=k, extra_args={"bat_eta": 0.0009, "bat_seed": k}), None, [])
-                 for k in range(8)]
-        proc.update_state(BatchUpdate(batch_size=8, removed=[], added=added, moved=[]))
+        # rows 0-7 sample (decided in the threads), rows 8-9 the plain rule (kept out of them)
+        added = [(k, vllm.SamplingParams(seed=k, extra_args={"bat_eta": 0.0009, "bat_seed": k,
+                                                             "bat_mode": "sample" if k < 8 else "threshold"}), None, [])
+                 for k in range(10)]
+        proc.update_state(BatchUpdate(batch_size=10, removed=[], added=added, moved=[]))
         allowed = []
         for t in range(6):
-            logits = torch.from_numpy(np.stack([rows[(k % 4) * 6 + t] for k in range(8)]).astype(np.float32))
-            allowed.append(torch.isfinite(proc.apply(logits)).nonzero().tolist())
+            logits = torch.from_numpy(np.stack([rows[(k % 4) * 6 + t] for k in range(10)]).astype(np.float32))
+            finite = torch.isfinite(proc.apply(logits))
+            allowed.append((finite.sum(dim=1).tolist(), finite.nonzero().tolist()))
             proc.update_state(None)
         assert (proc._row_pool is not None) == (threads != "1")
-        proc.update_state(BatchUpdate(batch_size=0, removed=list(range(8)), added=[], moved=[]))
+        proc.update_state(BatchUpdate(batch_size=0, removed=list(range(10)), added=[], moved=[]))
         outputs[threads] = (allowed, dict(proc.totals))
     assert outputs["3"][0] == outputs["1"][0]
-    assert all(len(step) == 8 for step in outputs["3"][0])  # one token per row in sample mode
+    for counts, _ in outputs["3"][0]:
+        assert counts[:8] == [1] * 8 and min(counts[8:]) > 1  # one token per sampled row, the rule keeps many
     totals = outputs["3"][1]
     assert totals["candidates"] - totals["by_threshold"] > 0 and totals["errors"] == 0  # decisions ran in threads

@@ -47,6 +47,10 @@ _engines: set[int] = set()  # vllm_config ids that already have an active BAT pr
 _instances: weakref.WeakSet = weakref.WeakSet()
 
 
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def active_processors() -> list[BatLogitsProcessor]:
     """The acting BAT processors of the engines in this process (for monitoring and tests)."""
     return [p for p in list(_instances) if p.active]
@@ -284,10 +288,16 @@ class BatLogitsProcessor(LogitsProcessor):
             except Exception as exc:  # one request's failure must not fail the step of every other request
                 return self._after_failure(state, raw[k], exc)
 
-        if self._row_pool is not None and len(rows) > 1:
-            keep_rows = list(self._row_pool.map(decide_row, range(len(rows))))
-        else:
-            keep_rows = [decide_row(k) for k in range(len(rows))]
+        # rows that may need decisions go to the thread pool; plain-rule rows are all small numpy
+        # operations, which threads only slow down (measured: 8.0 -> 11.3 ms per step at 32 rows)
+        threaded = [k for k, index in enumerate(rows) if self.requests[index].mode != "threshold"]
+        keep_rows: list[np.ndarray | None] = [None] * len(rows)
+        if self._row_pool is not None and len(threaded) > 1:
+            for k, keep in zip(threaded, self._row_pool.map(decide_row, threaded)):
+                keep_rows[k] = keep
+        for k in range(len(rows)):
+            if keep_rows[k] is None:
+                keep_rows[k] = decide_row(k)
         # three tensor operations for the whole batch, whatever the number of rows
         row_ids = torch.as_tensor(np.repeat(rows, [len(keep) for keep in keep_rows]), device=logits.device)
         token_ids = torch.as_tensor(np.concatenate(keep_rows), device=logits.device)
@@ -301,7 +311,7 @@ class BatLogitsProcessor(LogitsProcessor):
         decided in parallel, each request on its own sampler and generator, so a seed gives the same
         text. Next to vLLM's CPU backend they stay on one thread (more threads took the cores the engine
         decodes on). BAT_ROW_THREADS sets the count either way."""
-        threads = self.row_threads or (min(8, len(os.sched_getaffinity(0))) if gpu_logits else 1)
+        threads = self.row_threads or (min(8, usable_cores()) if gpu_logits else 1)
         if threads > 1:
             self.basis.whitening()  # every decision's least squares reads it: built before the threads start
             self._row_pool = ThreadPoolExecutor(threads, thread_name_prefix="bat-rows")
