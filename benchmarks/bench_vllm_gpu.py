@@ -12,8 +12,12 @@ states along sampled continuations of the bench_vllm prompts (one per request an
 rebuilds W, writes it as the checkpoint the processor reads, and at every step computes the batch's
 logits on the device (hidden states @ W^T, float32) and times `apply` alone, with the device
 synchronised before and after. Modes: BAT (eta, eps 0.0009), plain eta through the same processor
-(`bat_mode="threshold"`), and a batch without BAT requests. Each runs with the logits on the GPU and,
-as the same-machine baseline, on the CPU; the CPU and GPU runs of BAT must return identical logits.
+(`bat_mode="threshold"`), and a batch without BAT requests. Each runs in five variants, each its own
+processor: logits on the CPU (the same-machine baseline), with rows one by one and in parallel; logits
+on the GPU with the product over the vocabulary on numpy, on the GPU with rows one by one, and the
+defaults (GPU product, rows in parallel). Every variant must allow the same tokens at every step (the
+table's "differ" count). Then: the cost of moving the logits to the CPU, the GPU product's error
+against the certificates' rounding bound, and the core's certificate-search times with either product.
 Where vLLM itself is not importable, the three vLLM types the processor uses (LogitsProcessor,
 BatchUpdate, MoveDirectionality) are stood in by classes of the same shape; the JSON says which ran.
 """
