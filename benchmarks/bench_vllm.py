@@ -77,7 +77,7 @@ def main() -> int:
             shift = (len(rows) + repeat) % 3
             for mode in modes[shift:] + modes[:shift]:  # rotate who runs first
                 runs[mode].append(run(mode, n))
-        # each mode's run of median throughput (the machines are shared: single runs swing by 10-20%)
+        # each mode's run of median throughput (the machines are shared: single runs swing by 10-25%)
         result = {mode: sorted(r, key=lambda x: x["tokens_per_second"])[len(r) // 2] for mode, r in runs.items()}
         rows.append({"concurrency": n, "bat": result["sample"], "eta": result["threshold"], "native": result["native"],
                      "ratio": result["sample"]["tokens_per_second"] / result["threshold"]["tokens_per_second"],

@@ -111,6 +111,12 @@ def test_torch_input_when_torch_is_installed():
     assert got.tolist() == expected.tolist()
 
 
+def exact_product_and_rounding_bound(W: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """W y in float64, and the float32 rounding bound (d + 3) u ||w_j|| ||y|| that certify.py relies on."""
+    W64, y64 = W.astype(np.float64), y.astype(np.float64)
+    return W64 @ y64, (W.shape[1] + 3) * 2.0**-24 * np.linalg.norm(W64, axis=1) * np.linalg.norm(y64)
+
+
 def test_product_over_the_vocabulary_is_the_same_on_any_number_of_threads(monkeypatch):
     from bat_core import threads
 
@@ -128,8 +134,7 @@ def test_product_over_the_vocabulary_is_the_same_on_any_number_of_threads(monkey
     finally:
         bat_core.set_matvec_threads(before)
     # the split changes the rounding, never beyond the bound that certify.py relies on
-    exact = big.astype(np.float64) @ y.astype(np.float64)
-    bound = (8 + 3) * 2.0**-24 * np.linalg.norm(big.astype(np.float64), axis=1) * np.linalg.norm(y.astype(np.float64))
+    exact, bound = exact_product_and_rounding_bound(big, y)
     for result in results:
         assert np.all(np.abs(result - exact) <= bound)
 
@@ -140,8 +145,7 @@ def test_product_on_a_torch_device_keeps_the_rounding_bound():
     torch = pytest.importorskip("torch")
     big = rng.normal(size=(20000, 16)).astype(np.float32)
     y = (rng.normal(size=16) * 100).astype(np.float32)
-    exact = big.astype(np.float64) @ y.astype(np.float64)
-    bound = (16 + 3) * 2.0**-24 * np.linalg.norm(big.astype(np.float64), axis=1) * np.linalg.norm(y.astype(np.float64))
+    exact, bound = exact_product_and_rounding_bound(big, y)
     basis = bat_core.Basis(big)
     for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
         basis.set_matvec_device(device)
