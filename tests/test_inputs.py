@@ -4,6 +4,7 @@ import pytest
 
 import bat_core
 from bat_core import BatError
+from independent import exact_product_and_rounding_bound
 
 rng = np.random.default_rng(0)
 W = rng.normal(size=(40, 4)).astype(np.float32)
@@ -109,12 +110,6 @@ def test_torch_input_when_torch_is_installed():
     expected = bat_core.decide(W, LOGITS, list(range(10)), 0.05)
     got = bat_core.decide(torch.from_numpy(W), torch.from_numpy(LOGITS), list(range(10)), 0.05)
     assert got.tolist() == expected.tolist()
-
-
-def exact_product_and_rounding_bound(W: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """W y in float64, and the float32 rounding bound (d + 3) u ||w_j|| ||y|| that certify.py relies on."""
-    W64, y64 = W.astype(np.float64), y.astype(np.float64)
-    return W64 @ y64, (W.shape[1] + 3) * 2.0**-24 * np.linalg.norm(W64, axis=1) * np.linalg.norm(y64)
 
 
 def test_product_over_the_vocabulary_is_the_same_on_any_number_of_threads(monkeypatch):

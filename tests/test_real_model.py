@@ -119,25 +119,33 @@ def test_seeded_sampling_reproduces(basis, logits):
     assert any(run(s) != first for s in (8, 9, 10))
 
 
-def test_product_on_a_torch_device_gives_the_same_decisions(basis, logits, dense_A):
-    """The product over the vocabulary on torch (the vLLM processor's GPU path; torch's CPU device on CI)
-    proves the same real candidates as numpy's, with certificates that independent code re-verifies."""
+def test_every_product_over_the_vocabulary_gives_the_same_decisions(basis, logits, dense_A):
+    """The compiled int8 product (the default here: SmolLM2's W is Q8_0), numpy's float32 product and
+    torch's (the vLLM processor's GPU path; torch's CPU device on CI) prove the same real candidates,
+    with certificates that independent code re-verifies."""
+    from test_q8_product import KERNEL_EXPECTED
+
     torch = pytest.importorskip("torch")
     eta = bat_core.ThresholdRule("eta", 0.0009)
     cases = draw_candidates(logits, eta.tau, 16, seed=5)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     decisions = {}
     try:
-        for where in (None, device):
+        for where in (None, "numpy", device):
             basis.set_matvec_device(where)
+            if where is None:
+                assert basis.matvec_device == ("q8" if KERNEL_EXPECTED else "numpy")
             decisions[where] = []
             for row, tau, token in cases:
                 solver = bat_core.BatSolver(basis, bat_core.BatConfig(time_budget=0.0))
                 decisions[where].append(solver.decide(solver.new_step(logits[row], tau), [token])[0])
     finally:
         basis.set_matvec_device(None)
-    assert [d.accepted for d in decisions[device]] == [d.accepted for d in decisions[None]]
-    for (row, tau, token), decision in zip(cases, decisions[device]):
-        if decision.accepted:
-            check_accept(dense_A, softmax64(logits[row], basis.vocab_size), tau, token, decision.certificate.y, 1e-6)
-    assert sum(d.method == "certificate" for d in decisions[device]) >= 8
+    for where in ("numpy", device):
+        assert [d.accepted for d in decisions[where]] == [d.accepted for d in decisions[None]], where
+    for where in (None, device):
+        for (row, tau, token), decision in zip(cases, decisions[where]):
+            if decision.accepted:
+                p = softmax64(logits[row], basis.vocab_size)
+                check_accept(dense_A, p, tau, token, decision.certificate.y, 1e-6)
+    assert sum(d.method == "certificate" for d in decisions[None]) >= 8
