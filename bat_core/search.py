@@ -31,7 +31,7 @@ class WeightedLeastSquares:
         self.gram_head = self.B @ self.B.T
         kernel = self.gram_head.copy()
         kernel[np.diag_indices_from(kernel)] += self.mu / np.maximum(weights, 1e-300)
-        self.kernel_chol = np.linalg.cholesky(kernel)
+        self.kernel_factor = self._inverse_factor(kernel)
 
     def _whitened_rows(self, tokens: np.ndarray, white: np.ndarray) -> np.ndarray:
         step = self.step
@@ -45,7 +45,7 @@ class WeightedLeastSquares:
         """Certificate candidates, one column per token, scaled so that c_i = 1: shape [d+1, n]."""
         _, white = self.step.basis.whitening()
         b = self._whitened_rows(candidates, white).T  # [d+1, n]
-        z = self._solve(self.kernel_chol, b)
+        z = self._solve(self.kernel_factor, b)
         return self.chol_inv.T @ z
 
     def refined_directions(self, candidates: np.ndarray, iterations: int) -> np.ndarray:
@@ -61,7 +61,7 @@ class WeightedLeastSquares:
         out = []
         for token in np.asarray(candidates):
             b = self._whitened_rows(np.array([token]), white).T  # [d+1, 1]
-            z = self._solve(self.kernel_chol, b)
+            z = self._solve(self.kernel_factor, b)
             for _ in range(iterations):
                 c = self.B @ z[:, 0]
                 floor = 1e-3 * float(np.median(np.abs(c))) + 1e-300
@@ -70,15 +70,20 @@ class WeightedLeastSquares:
                 kernel = self.gram_head.copy()
                 kernel[np.diag_indices_from(kernel)] += self.mu / np.maximum(weights, 1e-300)
                 try:
-                    z = self._solve(np.linalg.cholesky(kernel), b)
+                    z = self._solve(self._inverse_factor(kernel), b)
                 except np.linalg.LinAlgError:
                     break
                 out.append(self.chol_inv.T @ z[:, 0])
         return np.column_stack(out) if out else np.empty((self.B.shape[1], 0))
 
-    def _solve(self, kernel_chol: np.ndarray, b: np.ndarray) -> np.ndarray:
+    @staticmethod
+    def _inverse_factor(kernel: np.ndarray) -> np.ndarray:
+        """F = L^-1 with L L' = kernel, so that kernel^-1 x = F' (F x): two products per solve instead of
+        two general K x K solves (the directions are only candidates: certify.py proves them)."""
+        return np.linalg.inv(np.linalg.cholesky(kernel))
+
+    def _solve(self, factor: np.ndarray, b: np.ndarray) -> np.ndarray:
         """z minimizing the weighted squares plus mu |z|^2 with b_i . z = 1 (Woodbury through the K x K factor)."""
-        inner = np.linalg.solve(kernel_chol, self.B @ b)
-        inner = np.linalg.solve(kernel_chol.T, inner)
+        inner = factor.T @ (factor @ (self.B @ b))
         z = (b - self.B.T @ inner) / self.mu
         return z / np.einsum("kn,kn->n", b, z)  # a_i . y = b_i . z = 1
