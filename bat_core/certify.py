@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import q8
 from .basis import Basis
 from .thresholds import ThresholdRule
 
@@ -277,22 +278,39 @@ class Step:
         d = self.basis.hidden_size
         exact = self.exact_set(token)
         c_exact, err_exact, _ = self.exact_products(exact, y[:, None], None if u_exact is None else u_exact[:, None])
-        u = self.basis.matvec(y[:d]).astype(np.float64)
-        s = self.scale
-        c = u if s is None else s * u
-        c += y[d]
-        norm = self.basis.row_norm if s is None else s * self.basis.row_norm
-        gamma = float32_gamma(d)
-        err = gamma * float(np.linalg.norm(y[:d])) * norm + 4 * U64 * np.abs(c)
-        c[exact], err[exact] = c_exact[:, 0], err_exact[:, 0]
+        u32 = self.basis.matvec(y[:d])
         p, tp, i = self.p, self.tprime, token
-        hi, lo = c + err, c - err  # c lies in [lo, hi]; -c in [-hi, -lo]
+        g = float32_gamma(d) * float(np.linalg.norm(y[:d]))
         rounding = 1.0 + 4 * self.basis.vocab_size * U64  # the float64 sum of v terms, rounded up
+        # the head and the candidate from exact float64 products, the rest from the float32 product
+        hi_exact, lo_exact = c_exact[:, 0] + err_exact[:, 0], c_exact[:, 0] - err_exact[:, 0]
+        up_exact = (np.maximum(tp * hi_exact, -lo_exact), np.maximum(-tp * lo_exact, hi_exact))
+        pos = int(np.searchsorted(exact, i))
+        weight = p.copy()
+        weight[exact] = 0.0
+        tail = self._tail_sums(u32, weight, g, float(y[d]))
         best = -np.inf
-        for sign_lo, rho_up in ((lo[i], np.maximum(tp * hi, -lo)), (-hi[i], np.maximum(-tp * lo, hi))):
-            others = float(p @ rho_up) * rounding - p[i] * rho_up[i]
+        for sign_lo, up, rest in ((lo_exact[pos], up_exact[0], tail[0]), (-hi_exact[pos], up_exact[1], tail[1])):
+            others = (rest + float(p[exact] @ up)) * rounding - p[i] * up[pos]
             best = max(best, p[i] * sign_lo - others)
         return best / (p[i] * float(np.abs(y).max()))
+
+    def _tail_sums(self, u32: np.ndarray, weight: np.ndarray, g: float, y0: float) -> tuple[float, float]:
+        """sum_j weight_j max(tau' hi_j, -lo_j) and sum_j weight_j max(-tau' lo_j, hi_j) over the vocabulary,
+        where [lo_j, hi_j] holds c_j = s_j u_j + y0 given the float32 product u (error <= g s_j ||w_j||)."""
+        norm = self.basis.row_norm
+        compiled = q8.value_sums(u32, weight, norm, self.scale, y0, g, self.tprime)
+        if compiled is not None:
+            return compiled
+        s = self.scale
+        c = u32.astype(np.float64)
+        if s is not None:
+            c *= s
+        c += y0
+        err = g * (norm if s is None else s * norm) + 4 * U64 * np.abs(c)
+        hi, lo = c + err, c - err
+        tp = self.tprime
+        return float(weight @ np.maximum(tp * hi, -lo)), float(weight @ np.maximum(-tp * lo, hi))
 
     def _tail_bound(self, Y: np.ndarray, exact: np.ndarray, u_exact: np.ndarray) -> tuple[float, np.ndarray]:
         """(mass, spread): sum_{j not in exact} p_j rho(sign * c_j) <= rho(sign * y0) * mass + spread, per

@@ -91,10 +91,8 @@ def q8_parts(W: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("BAT_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "bat-sampling"
-    )
-    return Path(root) / "native"
+    """Beside the vLLM adapter's model folders: $BAT_CACHE, default ~/.cache/bat-sampling."""
+    return Path(os.environ.get("BAT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "bat-sampling"))) / "native"
 
 
 def _machine_key(compiler: str) -> str:
@@ -160,6 +158,8 @@ def _load():
     library.bat_q8_matvec.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
     library.bat_q8_rows_product.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
                                                                      ctypes.c_void_p, ctypes.c_int64]
+    library.bat_tail_sums.restype = None
+    library.bat_tail_sums.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] + [ctypes.c_double] * 3 + [ctypes.c_void_p]
     return library, "in use"
 
 
@@ -197,3 +197,16 @@ class Q8Rows:
                                           len(tokens), Yt.ctypes.data, Yt.shape[0], out.ctypes.data,
                                           self.hidden_size)
         return out
+
+
+def value_sums(u: np.ndarray, weight: np.ndarray, norm: np.ndarray, scale: np.ndarray | None, y0: float,
+               g: float, tprime: float) -> tuple[float, float] | None:
+    """The compiled pass of certify.py's `Step.full_value` over the vocabulary (see bat_tail_sums in
+    native/q8_matvec.c), or None without the compiled library. u: float32; the rest float64."""
+    library = kernel()
+    if library is None:
+        return None
+    sums = np.empty(2)
+    library.bat_tail_sums(u.ctypes.data, weight.ctypes.data, norm.ctypes.data,
+                          None if scale is None else scale.ctypes.data, len(u), y0, g, tprime, sums.ctypes.data)
+    return float(sums[0]), float(sums[1])

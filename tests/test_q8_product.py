@@ -107,3 +107,28 @@ def test_compiled_row_products_are_float64_exact_within_their_bound():
     basis.set_matvec_device("numpy")
     assert not basis.rows_product_native
     assert np.allclose(basis.rows_product(tokens, Y), got, rtol=1e-12, atol=0)
+
+
+@pytest.mark.skipif(not KERNEL_EXPECTED, reason="needs a C compiler and an AVX2 CPU")
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_compiled_value_pass_equals_numpys(monkeypatch, softcap):
+    """Step.full_value's pass over the vocabulary, compiled and in numpy, on random certificates."""
+    from bat_core.certify import Step
+
+    W = rng.normal(size=(5000, 32)).astype(np.float32)
+    basis = bat_core.Basis(W, softcap=softcap)
+    z = W @ rng.normal(size=32) * 3
+    step = Step.build(basis, np.tanh(z / softcap) * softcap if softcap else z, 0.05)
+    from bat_core.search import WeightedLeastSquares
+
+    tokens = np.argsort(-step.p)[[3, 20, 50, 700, 2000]]
+    found = WeightedLeastSquares(step).directions(tokens)  # certificate candidates: some prove their token
+    certificates = [(found[:, n], int(t)) for n, t in enumerate(tokens)]
+    certificates += [(np.random.default_rng(n).normal(size=33), int(t)) for n, t in enumerate(tokens)]
+    values = {}
+    for compiled in (True, False):
+        if not compiled:
+            monkeypatch.setattr(q8, "value_sums", lambda *args: None)
+        values[compiled] = [step.full_value(y, t) for y, t in certificates]
+    assert np.allclose(values[True], values[False], rtol=1e-12, atol=1e-12)
+    assert max(values[True]) > 0 > min(values[True]), values[True]
