@@ -63,6 +63,14 @@ for v, d in ((37, 32), (200, 96), (513, 640)):
                                 got.ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(d))
     if not np.allclose(got, W[tokens] @ Y.T, rtol=1e-12, atol=1e-12):
         sys.exit("the float64 row products differ from numpy's")
+    weight, norm = rng.uniform(size=v), rng.uniform(1, 2, size=v)
+    sums = np.empty(2)
+    library.bat_tail_sums(*(a.ctypes.data_as(ctypes.c_void_p) for a in (out, weight, norm)), None, ctypes.c_int64(v),
+                          ctypes.c_double(0.5), ctypes.c_double(1e-6), ctypes.c_double(0.1), sums.ctypes.data_as(ctypes.c_void_p))
+    c = out.astype(np.float64) + 0.5
+    hi, lo = c + 1e-6 * norm, c - 1e-6 * norm
+    if not np.allclose(sums, [weight @ np.maximum(0.1 * hi, -lo), weight @ np.maximum(-0.1 * lo, hi)], rtol=1e-9):
+        sys.exit("the value sums differ from numpy's")
 """
 
 
@@ -114,7 +122,8 @@ def _build(compiler: str, target: Path) -> str | None:
         built = Path(tmp) / target.name
         run = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(built)], capture_output=True, text=True)
         if run.returncode != 0:
-            return f"{compiler} could not build it: {(run.stderr or run.stdout).strip().splitlines()[-1:]}"
+            last = ((run.stderr or run.stdout).strip().splitlines() or ["no message"])[-1]
+            return f"{compiler} could not build it: {last}"
         test = subprocess.run([sys.executable, "-c", _SELF_TEST, str(built)], capture_output=True, text=True, timeout=120)
         if test.returncode != 0:
             return f"its self-test failed (exit status {test.returncode}): {test.stderr.strip()[-300:]}"
