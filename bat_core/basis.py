@@ -89,7 +89,8 @@ class Basis:
         self.row_norm = np.sqrt(row_norm_sq)  # ||w_j||_2: bounds float32 rounding of W y
         self.row_norm_l1 = row_norm_l1  # ||w_j||_1: scales the solver tolerance per token
         self.gram = gram  # A^T A in float64: bounds sum_j c_j^2 over any token set exactly (up to 1e-12)
-        self.abs_gram = np.abs(gram[:d, :d])  # scales the rounding slack of y' G y
+        # |y|' |G| |y| <= ||y||^2 max_i sum_k |G_ik|: scales the rounding slack of y' G y (certify.py)
+        self.abs_gram_bound = float(np.abs(gram[:d, :d]).sum(axis=1).max())
         self._lazy = threading.RLock()  # the caches below are built once, also when requests run in threads
         self._whitening: tuple[np.ndarray, np.ndarray] | None = None
         self._eigvec: np.ndarray | None = None

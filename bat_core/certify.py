@@ -196,18 +196,20 @@ class Step:
         q = self.p[exact].copy()
         p_i, q[pos] = q[pos], 0.0
         total = q.sum()
-        out = np.empty((Y.shape[0], 2 * Y.shape[1]))
-        ascending = np.argsort(u, axis=0)
-        for n, sign in enumerate((1.0, -1.0)):
-            us = sign * u
-            order = ascending if sign > 0 else ascending[::-1]  # -u ascends where u descends
-            mass = np.take_along_axis(np.broadcast_to(q[:, None], us.shape), order, axis=0)
-            below = np.cumsum(mass, axis=0) - mass  # mass strictly below each sorted position
-            slope = p_i - self.tprime * (total - below) + below  # nondecreasing down the sorted order
-            k = np.minimum(np.argmax(slope >= 0, axis=0), len(exact) - 1)
-            block = sign * Y
-            block[d] = -np.take_along_axis(us, order, axis=0)[k, np.arange(Y.shape[1])]
-            out[:, n * Y.shape[1] : (n + 1) * Y.shape[1]] = block
+        # the slope is nonnegative once the mass below y0's crossing reaches (tau' total - p_i) / (1 + tau'):
+        # a weighted quantile of u, from below for +y and from above for -y
+        target = (self.tprime * total - p_i) / (1.0 + self.tprime)
+        order = np.argsort(u, axis=0)
+        u_sorted = np.take_along_axis(u, order, axis=0)
+        mass = q[order]
+        cum = np.cumsum(mass, axis=0)
+        columns = np.arange(Y.shape[1])
+        first_plus = np.argmax(cum - mass >= target, axis=0)  # the smallest u_j with that much mass below it
+        count = np.count_nonzero(total - cum >= target, axis=0)  # mass above is nonincreasing: a prefix
+        last_minus = np.where(count > 0, count - 1, len(exact) - 1)  # the largest u_j with that much above
+        out = np.hstack([Y, -Y])
+        out[d, : Y.shape[1]] = -u_sorted[first_plus, columns]
+        out[d, Y.shape[1] :] = u_sorted[last_minus, columns]
         return out
 
     # ------------------------------------------------------------------ values
@@ -323,8 +325,7 @@ class Step:
         gram = self.basis.gram[:d, :d]
         yw = Y[:d]
         total_energy = np.einsum("km,km->m", yw, gram @ yw)
-        abs_yw = np.abs(yw)
-        slack = 1e-9 * (np.einsum("km,km->m", abs_yw, self.basis.abs_gram @ abs_yw) + 1e-300)
+        slack = 1e-9 * (self.basis.abs_gram_bound * np.einsum("km,km->m", yw, yw) + 1e-300)
         tail_energy = np.maximum(total_energy - (u_exact * u_exact).sum(axis=0), 0.0) + slack
         weights = self.p[exact] * self.scale_of(exact)
         tail_weight_sq = max(self.weight_sq_total - float(weights @ weights), 0.0) + 1e-12 * self.weight_sq_total
