@@ -11,7 +11,14 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-_matvec_threads = max(1, min(int(os.environ.get("BAT_MATVEC_THREADS", "0")) or (os.cpu_count() or 1), 8))
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which containers and `taskset` narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+_matvec_threads = max(1, min(int(os.environ.get("BAT_MATVEC_THREADS", "0")) or usable_cores(), 8))
 _pool: ThreadPoolExecutor | None = None
 _lock = threading.Lock()
 _blas_limited = False
@@ -31,7 +38,7 @@ def matvec_pool() -> ThreadPoolExecutor:
 
 
 def set_matvec_threads(threads: int) -> None:
-    """Threads for the products over the vocabulary (default: BAT_MATVEC_THREADS, else all cores).
+    """Threads for the products over the vocabulary (default: BAT_MATVEC_THREADS, else the usable cores).
 
     An engine that keeps cores for its own work should give BAT the same share as its own compute:
     inside vLLM's CPU backend on 2 cores (torch on 1 thread), 2 product threads made BAT 0.70x of

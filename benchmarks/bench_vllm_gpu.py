@@ -249,7 +249,8 @@ def run(pack: str, out: str, concurrency: list[int], steps: int, eps: float, thr
     if threads:
         torch.set_num_threads(threads)  # the processor gives its product as many threads as torch has
     kind = vllm_types()
-    from bat_vllm.processor import BatLogitsProcessor, usable_cores
+    from bat_core.threads import usable_cores
+    from bat_vllm.processor import BatLogitsProcessor
     from vllm.v1.sample.logits_processor import BatchUpdate
 
     import bat_core

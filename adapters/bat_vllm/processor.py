@@ -33,6 +33,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 
 import bat_core
 from bat_core import BatError, ThresholdRule
+from bat_core.threads import usable_cores
 
 RULE_KEYS = {"bat_eta": "eta", "bat_epsilon": "epsilon", "bat_tau": "tau"}
 KEYS = set(RULE_KEYS) | {"bat_mode", "bat_seed", "bat_time_budget"}
@@ -45,10 +46,6 @@ _bases: dict[str, bat_core.Basis] = {}
 _bases_lock = threading.Lock()
 _engines: set[int] = set()  # vllm_config ids that already have an active BAT processor
 _instances: weakref.WeakSet = weakref.WeakSet()
-
-
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def active_processors() -> list[BatLogitsProcessor]:
