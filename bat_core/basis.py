@@ -89,8 +89,13 @@ class Basis:
         self.row_norm = np.sqrt(row_norm_sq)  # ||w_j||_2: bounds float32 rounding of W y
         self.row_norm_l1 = row_norm_l1  # ||w_j||_1: scales the solver tolerance per token
         self.gram = gram  # A^T A in float64: bounds sum_j c_j^2 over any token set exactly (up to 1e-12)
-        # |y|' |G| |y| <= ||y||^2 max_i sum_k |G_ik|: scales the rounding slack of y' G y (certify.py)
+        # the rounding slack of a tail energy y' G y - sum_exact u_j^2 (certify.py) is bounded by ||y||^2 times
+        # max_i sum_k |G_ik| (>= |y|'|G||y| / ||y||^2, the error of evaluating y' G y) and the trace of G
+        # (>= sum_j (|w_j|.|y|)^2 / ||y||^2, the scale of the error of G's own float64 sums, each over at most
+        # gram_terms rows, and of the exact products u_j)
         self.abs_gram_bound = float(np.abs(gram[:d, :d]).sum(axis=1).max())
+        self.gram_trace = float(np.trace(gram[:d, :d]))
+        self.gram_terms = min(v, _CHUNK_ROWS) + -(-v // _CHUNK_ROWS)
         self._lazy = threading.RLock()  # the caches below are built once, also when requests run in threads
         self._whitening: tuple[np.ndarray, np.ndarray] | None = None
         self._eigvec: np.ndarray | None = None

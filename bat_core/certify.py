@@ -325,7 +325,10 @@ class Step:
         gram = self.basis.gram[:d, :d]
         yw = Y[:d]
         total_energy = np.einsum("km,km->m", yw, gram @ yw)
-        slack = 1e-9 * (self.basis.abs_gram_bound * np.einsum("km,km->m", yw, yw) + 1e-300)
+        # float64 rounding of y'Gy, of G itself and of the exact products' squares (Basis._derive)
+        terms = self.basis.gram_terms + 2 * d + len(exact) + 8
+        scale = 1e-9 * self.basis.abs_gram_bound + 4 * terms * U64 * self.basis.gram_trace
+        slack = scale * np.einsum("km,km->m", yw, yw) + 1e-300
         tail_energy = np.maximum(total_energy - (u_exact * u_exact).sum(axis=0), 0.0) + slack
         weights = self.p[exact] * self.scale_of(exact)
         tail_weight_sq = max(self.weight_sq_total - float(weights @ weights), 0.0) + 1e-12 * self.weight_sq_total
