@@ -12,7 +12,6 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 
-
 def usable_cores() -> int:
     """The cores this process may run on (its CPU affinity, which containers and `taskset` narrow)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
