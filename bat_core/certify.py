@@ -286,7 +286,7 @@ class Step:
         rounding = 1.0 + 4 * self.basis.vocab_size * U64  # the float64 sum of v terms, rounded up
         # the head and the candidate from exact float64 products, the rest from the float32 product
         hi_exact, lo_exact = c_exact[:, 0] + err_exact[:, 0], c_exact[:, 0] - err_exact[:, 0]
-        up_exact = (np.maximum(tp * hi_exact, -lo_exact), np.maximum(-tp * lo_exact, hi_exact))
+        up_exact = (_rho_upper(lo_exact, hi_exact, tp), _rho_upper(-hi_exact, -lo_exact, tp))  # +y, -y
         pos = int(np.searchsorted(exact, i))
         weight = p.copy()
         weight[exact] = 0.0
@@ -311,8 +311,7 @@ class Step:
         c += y0
         err = g * (norm if s is None else s * norm) + 4 * U64 * np.abs(c)
         hi, lo = c + err, c - err
-        tp = self.tprime
-        return float(weight @ np.maximum(tp * hi, -lo)), float(weight @ np.maximum(-tp * lo, hi))
+        return float(weight @ _rho_upper(lo, hi, self.tprime)), float(weight @ _rho_upper(-hi, -lo, self.tprime))
 
     def _tail_bound(self, Y: np.ndarray, exact: np.ndarray, u_exact: np.ndarray) -> tuple[float, np.ndarray]:
         """(mass, spread): sum_{j not in exact} p_j rho(sign * c_j) <= rho(sign * y0) * mass + spread, per
