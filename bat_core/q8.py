@@ -134,6 +134,8 @@ def _build(compiler: str, target: Path) -> str | None:
 def kernel():
     """The compiled products (a ctypes library), or None; built and tested on first call."""
     global _kernel, _reason
+    if _kernel is not None:  # settled: no lock on the per-decision path
+        return _kernel or None
     with _lock:
         if _kernel is None:
             _kernel, _reason = False, ""
@@ -187,10 +189,6 @@ class Q8Rows:
         parts = q8_parts(W)
         return None if parts is None else cls(*parts, library)
 
-    @property
-    def nbytes(self) -> int:
-        return self.values.nbytes + self.scales.nbytes
-
     def product(self, y: np.ndarray, out: np.ndarray, start: int, stop: int) -> None:
         """out[start:stop] = (W y)[start:stop]; y float32 contiguous. Releases the GIL (ctypes)."""
         self._library.bat_q8_matvec(self.values.ctypes.data, self.scales.ctypes.data, y.ctypes.data,
@@ -215,6 +213,13 @@ def value_sums(u: np.ndarray, weight: np.ndarray, norm: np.ndarray, scale: np.nd
     library = kernel()
     if library is None:
         return None
+    # the C loop reads raw memory: contiguous arrays of the right types (no copy when they already are)
+    u = np.ascontiguousarray(u, dtype=np.float32)
+    weight, norm = (np.ascontiguousarray(a, dtype=np.float64) for a in (weight, norm))
+    if scale is not None:
+        scale = np.ascontiguousarray(scale, dtype=np.float64)
+    if not len(u) == len(weight) == len(norm) == (len(u) if scale is None else len(scale)):
+        raise ValueError("value_sums: u, weight, norm and scale must have one entry per token")
     sums = np.empty(2)
     library.bat_tail_sums(u.ctypes.data, weight.ctypes.data, norm.ctypes.data,
                           None if scale is None else scale.ctypes.data, len(u), y0, g, tprime, sums.ctypes.data)
