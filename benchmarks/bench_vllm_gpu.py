@@ -14,7 +14,7 @@ logits on the device (hidden states @ W^T, float32) and times `apply` alone, wit
 synchronised before and after. Modes: BAT (eta, eps 0.0009), plain eta through the same processor
 (`bat_mode="threshold"`), and a batch without BAT requests. Each runs in five variants, each its own
 processor: logits on the CPU (the same-machine baseline), with rows one by one and in parallel; logits
-on the GPU with the product over the vocabulary on numpy, on the GPU with rows one by one, and the
+on the GPU with the product over the vocabulary on the host, on the GPU with rows one by one, and the
 defaults (GPU product, rows in parallel). Every variant must allow the same tokens at every step (the
 table's "differ" count). Then: the cost of moving the logits to the CPU, the GPU product's error
 against the certificates' rounding bound, and the core's certificate-search times with either product.
@@ -178,7 +178,7 @@ def product_check(basis, device, trials: int = 20) -> dict:
             result[f"error_over_bound_{precision}"] = worst
     finally:
         torch.set_float32_matmul_precision(before)
-    for name, where in (("numpy", "numpy"), ("device", device)):
+    for name, where in products_compared(device).items():
         basis.set_matvec_device(where)
         basis.matvec(ys[0])
         samples = []
@@ -191,14 +191,20 @@ def product_check(basis, device, trials: int = 20) -> dict:
     return result
 
 
+def products_compared(device) -> dict:
+    """The products over the vocabulary compared: numpy's float32, the host default (the compiled int8
+    product where its kernel builds, bat_core/q8.py), and torch on the device."""
+    return {"numpy": "numpy", "host": None, "device": device}
+
+
 def core_decisions(basis, logits: np.ndarray, device, candidates: int, seed: int = 0) -> dict:
     """The core's certificate-search decisions (time_budget 0, the adapters' generation default) with the
-    product over the vocabulary on numpy and on `device`, candidate by candidate on the same solvers'
+    product over the vocabulary on numpy, the host default and `device`, candidate by candidate on the same solvers'
     history: sub-threshold tokens drawn from p below tau as bench_core.py draws them."""
     import bat_core
 
     rules = {"eta_0.0009": bat_core.ThresholdRule("eta", 0.0009), "tau_0.1": bat_core.ThresholdRule("tau", 0.1)}
-    products = {"numpy": "numpy", "device": device}
+    products = products_compared(device)
     report = {}
     for name, rule in rules.items():
         rng = np.random.default_rng(seed)
@@ -226,7 +232,8 @@ def core_decisions(basis, logits: np.ndarray, device, candidates: int, seed: int
                               "median_ms": 1000 * float(np.median(times[key][:candidates])),
                               "p99_ms": 1000 * float(np.percentile(times[key][:candidates], 99)),
                               "accepted": int(sum(accepted[key][:candidates]))} for key in products}
-        report[name]["same_decisions"] = accepted["numpy"][:candidates] == accepted["device"][:candidates]
+        report[name]["same_decisions"] = all(accepted[key][:candidates] == accepted["numpy"][:candidates]
+                                             for key in products)
         print(f"core, {name}: " + "  ".join(
             f"{key} product median {r['median_ms']:.2f} ms p99 {r['p99_ms']:.1f} ms, {r['accepted']}/{r['candidates']} "
             "accepted" for key, r in report[name].items() if isinstance(r, dict))
@@ -269,7 +276,7 @@ def run(pack: str, out: str, concurrency: list[int], steps: int, eps: float, thr
     variants = [("cpu", "cpu", {"BAT_ROW_THREADS": "1"}),
                 ("cpu, rows in parallel", "cpu", {"BAT_ROW_THREADS": parallel})]
     if gpu is not None:
-        variants += [("gpu, numpy product, rows one by one", "cuda", {"BAT_MATVEC_DEVICE": "cpu", "BAT_ROW_THREADS": "1"}),
+        variants += [("gpu, host product, rows one by one", "cuda", {"BAT_MATVEC_DEVICE": "cpu", "BAT_ROW_THREADS": "1"}),
                      ("gpu, rows one by one", "cuda", {"BAT_ROW_THREADS": "1"}),
                      ("gpu", "cuda", {})]  # the defaults: product on the GPU, rows in parallel
     processors, configs = {}, []  # configs kept alive: the processor tells engines apart by their id
@@ -354,7 +361,8 @@ def run(pack: str, out: str, concurrency: list[int], steps: int, eps: float, thr
         print(f"product over the vocabulary: {json.dumps(checks['product'])}")
     info = {"vllm_types": kind, "torch": torch.__version__, "device": torch.cuda.get_device_name() if gpu else "cpu",
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "matvec_threads": bat_core.threads.matvec_threads(), "eps": eps}
+            "matvec_threads": bat_core.threads.matvec_threads(), "eps": eps,
+            "compiled_product": bat_core.q8.kernel_status()}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as handle:
         json.dump({"info": info, "rows": table, "checks": checks}, handle, indent=1)
