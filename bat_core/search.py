@@ -5,7 +5,7 @@ surrogate of that cost, with the head of the distribution weighted by p_j and th
 vocabulary by a ridge in the metric of the Gram matrix of A (the Cauchy-Schwarz tail bound of
 certify.py), gives a closed form: y = G^-1 a_i / (a_i' G^-1 a_i). In whitened coordinates
 (b_j = L^-1 a_j, L L' = A'A) the ridge is mu * I and Woodbury's identity makes the per-step work a
-K x K Cholesky (K = head size) and the per-candidate work a few (d+1)-vectors. Whatever this finds is
+K x K solve (K = head size) and the per-candidate work a few (d+1)-vectors. Whatever this finds is
 only a candidate: certify.py proves it or discards it.
 """
 from __future__ import annotations
@@ -29,9 +29,8 @@ class WeightedLeastSquares:
         # ridge ~ weight of a typical tail token, times the tail's size in the Cauchy-Schwarz sense
         self.mu = ridge if ridge is not None else max(tail_mass / np.sqrt(basis.vocab_size), 1e-12)
         self.gram_head = self.B @ self.B.T
-        kernel = self.gram_head.copy()
-        kernel[np.diag_indices_from(kernel)] += self.mu / np.maximum(weights, 1e-300)
-        self.kernel_factor = self._inverse_factor(kernel)
+        self.kernel = self.gram_head.copy()
+        self.kernel[np.diag_indices_from(self.kernel)] += self.mu / np.maximum(weights, 1e-300)
 
     def _whitened_rows(self, tokens: np.ndarray, white: np.ndarray) -> np.ndarray:
         step = self.step
@@ -45,14 +44,14 @@ class WeightedLeastSquares:
         """Certificate candidates, one column per token, scaled so that c_i = 1: shape [d+1, n]."""
         _, white = self.step.basis.whitening()
         b = self._whitened_rows(candidates, white).T  # [d+1, n]
-        z = self._solve(self.kernel_factor, b)
+        z = self._solve(self.kernel, b)
         return self.chol_inv.T @ z
 
     def refined_directions(self, candidates: np.ndarray, iterations: int) -> np.ndarray:
         """Iteratively reweighted least squares: the cost sum p_j rho(c_j) written as a weighted square
         with weights p_j * slope(c_j) / |c_j| (slope tau' where c_j > 0, 1 where c_j < 0), re-solved
         `iterations` times from the plain direction. Every iterate is a candidate: shape
-        [d+1, n * iterations]. Costs a K x K Cholesky per iterate; on 240 real SmolLM2 candidates
+        [d+1, n * iterations]. Costs a K x K solve per iterate; on 240 real SmolLM2 candidates
         (benchmarks/bench_certificates.py, eta 0.0009) three iterations proved 152 instead of 142."""
         step = self.step
         _, white = step.basis.whitening()
@@ -61,7 +60,7 @@ class WeightedLeastSquares:
         out = []
         for token in np.asarray(candidates):
             b = self._whitened_rows(np.array([token]), white).T  # [d+1, 1]
-            z = self._solve(self.kernel_factor, b)
+            z = self._solve(self.kernel, b)
             for _ in range(iterations):
                 c = self.B @ z[:, 0]
                 floor = 1e-3 * float(np.median(np.abs(c))) + 1e-300
@@ -70,20 +69,16 @@ class WeightedLeastSquares:
                 kernel = self.gram_head.copy()
                 kernel[np.diag_indices_from(kernel)] += self.mu / np.maximum(weights, 1e-300)
                 try:
-                    z = self._solve(self._inverse_factor(kernel), b)
+                    z = self._solve(kernel, b)
                 except np.linalg.LinAlgError:
                     break
                 out.append(self.chol_inv.T @ z[:, 0])
         return np.column_stack(out) if out else np.empty((self.B.shape[1], 0))
 
-    @staticmethod
-    def _inverse_factor(kernel: np.ndarray) -> np.ndarray:
-        """F = L^-1 with L L' = kernel, so that kernel^-1 x = F' (F x): two products per solve instead of
-        two general K x K solves (the directions are only candidates: certify.py proves them)."""
-        return np.linalg.inv(np.linalg.cholesky(kernel))
-
-    def _solve(self, factor: np.ndarray, b: np.ndarray) -> np.ndarray:
-        """z minimizing the weighted squares plus mu |z|^2 with b_i . z = 1 (Woodbury through the K x K factor)."""
-        inner = factor.T @ (factor @ (self.B @ b))
+    def _solve(self, kernel: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """z minimizing the weighted squares plus mu |z|^2 with b_i . z = 1 (Woodbury through the K x K
+        kernel). One LU solve: a third of the time of a Cholesky factor and its inverse at K = 128 (the
+        directions are only candidates: certify.py proves them)."""
+        inner = np.linalg.solve(kernel, self.B @ b)
         z = (b - self.B.T @ inner) / self.mu
         return z / np.einsum("kn,kn->n", b, z)  # a_i . y = b_i . z = 1
