@@ -191,7 +191,7 @@ class BatLogitsProcessor(LogitsProcessor):
         self._basis: bat_core.Basis | None = None
         self._span_checked = False
         self.record_dir = os.environ.get("BAT_VLLM_RECORD_DIR")  # tests: every sub-tau token's proof
-        # "auto": BAT's product over the vocabulary runs on the GPU the logits are on; "cpu": on numpy
+        # "auto": BAT's product over the vocabulary runs on the GPU the logits are on; "cpu": on the host
         self.matvec_policy = os.environ.get("BAT_MATVEC_DEVICE", "auto")
         if self.matvec_policy not in ("auto", "cpu"):
             raise BatError(f"BAT_MATVEC_DEVICE={self.matvec_policy!r}: use 'auto' (the logits' GPU) or 'cpu'")
