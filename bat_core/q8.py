@@ -138,13 +138,14 @@ def kernel():
         return _kernel or None
     with _lock:
         if _kernel is None:
-            _kernel, _reason = False, ""
             try:
-                _kernel, _reason = _load()
+                library, reason = _load()
             except Exception as exc:  # a cache dir that cannot be written, a timeout: numpy is the answer
-                _reason = f"{type(exc).__name__}: {exc}"
-            if _kernel is False:
-                logger.info("bat_core: the int8 product over the vocabulary is off (%s); numpy's is used", _reason)
+                library, reason = False, f"{type(exc).__name__}: {exc}"
+            if library is False:
+                logger.info("bat_core: the int8 product over the vocabulary is off (%s); numpy's is used", reason)
+            # settled last: a thread reading without the lock never sees a half-made answer
+            _reason, _kernel = reason, library
         return _kernel or None
 
 
