@@ -6,10 +6,11 @@ float bounds), every reject that is not a fallback carries a feasible point. Che
 
 1. the threshold (p_i >= tau accepts with no LP) and the argmax rule (the top token is always kept);
 2. certificate candidates: the weighted-least-squares direction, then (with an LP budget) the request's
-   recent certificates and the dual of a small LP over the top singular directions of W; each is only
-   a candidate until certify.py proves it;
-3. the exact restricted LP with column generation, warm-started on the request's HiGHS model;
-4. past the per-decision time budget, or when HiGHS fails: reject, and count the fallback.
+   recent certificates; each is only a candidate until certify.py proves it;
+3. (with an LP budget) a reject certificate without the LP: a feasible point by clipped least squares
+   (feasible.py), then accept certificates from small LPs over the top singular directions of W;
+4. the exact restricted LP with column generation, warm-started on the request's HiGHS model;
+5. past the per-decision time budget, or when HiGHS fails: reject, and count the fallback.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import numpy as np
 from .basis import Basis
 from .certify import Step
 from .errors import BatError
+from .feasible import FeasiblePointSearch
 from .lp import RequestLP
 from .search import WeightedLeastSquares
 from .thresholds import ThresholdRule
@@ -43,6 +45,8 @@ class BatConfig:
     lp_columns: int = 128  # initial working set of the exact LP (1024 took 2-8x longer on 5 hard SmolLM2 candidates)
     lp_grow: int = 256  # tokens added per column-generation round of the exact LP
     lp_max_rounds: int = 12  # column-generation rounds before a fallback
+    point_columns: int = 2048  # tokens free to move in the feasible-point search (1024 found 5 of 8 hard rejects, 2048 7)
+    point_rounds: int = 8  # clip-and-re-solve rounds of that search (0 turns it off)
     cache_size: int = 4  # recent certificates re-tried before the LPs and in mask mode (16 found no more on SmolLM2)
     full_checks: int = 1  # best-ranked certificate candidates per token checked over the whole vocabulary
     min_probability: float = 1e-10  # below this, float64 cannot verify a certificate: reject
@@ -60,6 +64,8 @@ class BatConfig:
             raise BatError(f"min_probability={self.min_probability} must lie in [0, 1e-3) (default 1e-10)")
         if not 1e-12 <= self.tol <= 1e-2:
             raise BatError(f"tol={self.tol} must lie in [1e-12, 1e-2] (default 1e-6)")
+        if not 0 <= int(self.point_rounds) <= 100:
+            raise BatError(f"point_rounds={self.point_rounds} must be an integer in [0, 100] (0: no feasible-point search)")
         if not 0 <= int(self.lsq_refine) <= 50:
             raise BatError(f"lsq_refine={self.lsq_refine} must be an integer in [0, 50]")
         if not self.time_budget >= 0:
@@ -67,7 +73,7 @@ class BatConfig:
         self.search_levels = tuple(int(k) for k in self.search_levels)
         if any(k < 1 for k in self.search_levels):
             raise BatError(f"search_levels={self.search_levels} must be positive numbers of directions")
-        for name in ("full_checks", "head_size", "lsq_head", "search_columns", "search_rounds", "lp_columns", "lp_grow", "lp_max_rounds"):
+        for name in ("full_checks", "head_size", "lsq_head", "point_columns", "search_columns", "search_rounds", "lp_columns", "lp_grow", "lp_max_rounds"):
             if int(getattr(self, name)) < 1:
                 raise BatError(f"{name} must be a positive integer")
 
@@ -104,7 +110,7 @@ class RejectCertificate:
 class Decision:
     token: int
     accepted: bool
-    method: str  # threshold | argmax | certificate | lp | resolution | fallback
+    method: str  # threshold | argmax | certificate (accept or reject, found without the exact LP) | lp | resolution | fallback
     certificate: AcceptCertificate | RejectCertificate | None = None
 
 
@@ -115,7 +121,8 @@ class BatStats:
     steps: int = 0
     candidates: int = 0
     by_threshold: int = 0
-    by_certificate: int = 0
+    by_certificate: int = 0  # accepts and rejects proven without the exact LP
+    rejected_by_point: int = 0  # of those, rejects by a feasible point from the clipped least squares
     by_lp: int = 0
     accepted: int = 0
     rejected: int = 0
@@ -146,6 +153,7 @@ class BatSolver:
         self._step_id = 0
         self._rejects: list[RejectCertificate] = []
         self._lsq: WeightedLeastSquares | None = None
+        self._points: FeasiblePointSearch | None = None
         self._deadline = 0.0
 
     # ------------------------------------------------------------------ steps
@@ -160,7 +168,7 @@ class BatSolver:
         step = Step.build(self.basis, logits, tau, head_size=self.config.head_size)
         self._step_id += 1
         self._rejects = []
-        self._lsq = None  # the previous step's factorization (and the distribution it holds) can go
+        self._lsq = self._points = None  # the previous step's factorizations (and the distribution they hold) can go
         self.stats.steps += 1
         return step
 
@@ -239,7 +247,10 @@ class BatSolver:
         #    and proved no token that those did not (720 real SmolLM2 candidates, eta 0.0009 and tau 0.1)
         if len(pending) and self._cache and time.perf_counter() < self._deadline:
             pending = self._accept_found(step, pending, np.column_stack(self._cache), ["cache"] * len(self._cache), out)
-        # 3. exact LPs of the problem reduced to the top-k singular directions of W, k growing: a relaxation,
+        # 3. a reject certificate without any LP (most hard candidates are rejects; the simplex needs 15-30 s on them)
+        if len(pending) and cfg.point_rounds and time.perf_counter() < self._deadline:
+            pending = self._reject_found(step, pending, out)
+        # 4. exact LPs of the problem reduced to the top-k singular directions of W, k growing: a relaxation,
         #    so only their accept certificates count (proven again on the full problem)
         for k in cfg.search_levels:
             if not len(pending) or k >= self.basis.hidden_size or time.perf_counter() >= self._deadline:
@@ -247,10 +258,30 @@ class BatSolver:
             Y = self._search_directions(step, pending, k)
             if Y is not None:
                 pending = self._accept_found(step, pending, Y, [f"search-{k}"] * Y.shape[1], out)
-        # 4. the exact LP, candidate by candidate, under the time budget
+        # 5. the exact LP, candidate by candidate, under the time budget
         for t in pending:
             out[int(t)] = self._exact(step, int(t))
         return out
+
+    def _reject_found(self, step: Step, pending: np.ndarray, out: dict) -> np.ndarray:
+        """Record the rejects that a feasible point proves (feasible.py); return the tokens still pending."""
+        if self._points is None or self._points.step is not step:
+            self._points = FeasiblePointSearch(step, self.config.point_columns)
+        left = []
+        for t in pending:
+            t = int(t)
+            if time.perf_counter() >= self._deadline:
+                left.append(t)
+                continue
+            found = self._points.find(t, self.config.tol, self.config.point_rounds)
+            if found is None:
+                left.append(t)
+                continue
+            point = RejectCertificate(t, *found)
+            self._rejects.append(point)
+            self.stats.rejected_by_point += 1
+            out[t] = Decision(t, False, "certificate", point)
+        return np.array(left, dtype=np.int64)
 
     def _least_squares(self, step: Step) -> WeightedLeastSquares:
         """The step's least-squares factorization, kept for the step's later candidates (the sampler's
@@ -372,7 +403,7 @@ class BatSolver:
                 s.by_threshold += 1
             elif d.method == "certificate":
                 s.by_certificate += 1
-                s.accepted_below_tau += 1
+                s.accepted_below_tau += d.accepted
             elif d.method == "lp":
                 s.by_lp += 1
                 s.accepted_below_tau += d.accepted

@@ -81,12 +81,36 @@ def test_fast_path_matches_reference_on_real_candidates(basis, logits, dense_A):
             cert = decision.certificate
             check_reject(dense_A, p, tau, token, cert.support, cert.q, solver.config.tol)
         ref = bat_core.reference.reference_decide_with_deadline(basis, logits[row], token, tau, seconds=30.0)
-        outcomes.append((row, token, decision.method, decision.accepted, None if ref is None else ref.accepted))
+        outcomes.append((row, token, decision.method, decision.accepted, None if ref is None else ref.accepted, solver.stats.rejected_by_point))
         if ref is not None:
             assert ref.status == "Optimal", ref.status
             assert decision.accepted == ref.accepted, outcomes
             compared += 1
     assert compared >= 10, outcomes
+
+
+@pytest.mark.slow
+def test_feasible_points_reject_real_candidates(basis, logits, dense_A):
+    """At tau = 0.1 many low-probability tokens are rejects that the warm simplex needs 15-30 s for and
+    the dense reference more than 2 minutes; the clipped least-squares point (feasible.py) proves them in
+    a fraction of a second. Each point is re-verified over the whole vocabulary by independent code,
+    which makes it a proof of the reject."""
+    rng = np.random.default_rng(5)
+    rejected = []
+    for row in range(0, len(logits), 2):
+        p = softmax64(logits[row], basis.vocab_size)
+        below = np.flatnonzero((p < 0.1) & (p > 1e-6))
+        token = int(rng.choice(below, p=p[below] / p[below].sum()))
+        solver = bat_core.BatSolver(basis, bat_core.BatConfig(time_budget=3.0))
+        decision = solver.decide(solver.new_step(logits[row], 0.1), [token])[0]
+        assert decision.method != "fallback", (row, token, solver.stats)
+        if solver.stats.rejected_by_point:
+            cert = decision.certificate
+            assert not decision.accepted and decision.method == "certificate"
+            assert isinstance(cert, bat_core.RejectCertificate) and cert.token == token
+            check_reject(dense_A, p, 0.1, token, cert.support, cert.q, solver.config.tol)
+            rejected.append((row, token))
+    assert len(rejected) >= 2, rejected
 
 
 def test_request_lp_model_is_reused_across_steps(basis, logits):
