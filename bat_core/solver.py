@@ -7,8 +7,9 @@ float bounds), every reject that is not a fallback carries a feasible point. Che
 1. the threshold (p_i >= tau accepts with no LP) and the argmax rule (the top token is always kept);
 2. certificate candidates: the weighted-least-squares direction, then (with an LP budget) the request's
    recent certificates; each is only a candidate until certify.py proves it;
-3. (with an LP budget) a reject certificate without the LP: a feasible point by clipped least squares
-   (feasible.py), then accept certificates from small LPs over the top singular directions of W;
+3. (with an LP budget) proofs by least squares over the top of the distribution (feasible.py): a feasible
+   point by clipped least squares (reject), then reweighted least squares with column generation
+   (accept); then accept certificates from small LPs over the top singular directions of W;
 4. the exact restricted LP with column generation, warm-started on the request's HiGHS model;
 5. past the per-decision time budget, or when HiGHS fails: reject, and count the fallback.
 """
@@ -24,7 +25,7 @@ import numpy as np
 from .basis import Basis
 from .certify import Step
 from .errors import BatError
-from .feasible import FeasiblePointSearch
+from .feasible import FeasiblePointSearch, GrowingRegression, WorkingSet
 from .lp import RequestLP
 from .search import WeightedLeastSquares
 from .thresholds import ThresholdRule
@@ -45,8 +46,11 @@ class BatConfig:
     lp_columns: int = 128  # initial working set of the exact LP (1024 took 2-8x longer on 5 hard SmolLM2 candidates)
     lp_grow: int = 256  # tokens added per column-generation round of the exact LP
     lp_max_rounds: int = 12  # column-generation rounds before a fallback
-    point_columns: int = 2048  # tokens free to move in the feasible-point search (1024 found 5 of 8 hard rejects, 2048 7)
-    point_rounds: int = 8  # clip-and-re-solve rounds of that search (0 turns it off)
+    point_columns: tuple[int, ...] = (2048, 8192)  # working sets of the feasible-point search, tried in turn
+    point_rounds: int = 16  # clip-and-re-solve rounds of that search (0 turns it off; 8 missed one of 35 hard candidates)
+    regression_iterations: int = 20  # reweighted least-squares iterations with column generation (0: off)
+    regression_grow: int = 512  # tokens joining its working set per iteration
+    regression_columns: int = 12288  # its largest working set
     cache_size: int = 4  # recent certificates re-tried before the LPs and in mask mode (16 found no more on SmolLM2)
     full_checks: int = 1  # best-ranked certificate candidates per token checked over the whole vocabulary
     min_probability: float = 1e-10  # below this, float64 cannot verify a certificate: reject
@@ -73,7 +77,12 @@ class BatConfig:
         self.search_levels = tuple(int(k) for k in self.search_levels)
         if any(k < 1 for k in self.search_levels):
             raise BatError(f"search_levels={self.search_levels} must be positive numbers of directions")
-        for name in ("full_checks", "head_size", "lsq_head", "point_columns", "search_columns", "search_rounds", "lp_columns", "lp_grow", "lp_max_rounds"):
+        self.point_columns = tuple(int(k) for k in self.point_columns)
+        if not self.point_columns or any(k < 1 for k in self.point_columns):
+            raise BatError(f"point_columns={self.point_columns} must be positive numbers of tokens, smallest first")
+        if not 0 <= int(self.regression_iterations) <= 1000:
+            raise BatError(f"regression_iterations={self.regression_iterations} must be an integer in [0, 1000] (0: off)")
+        for name in ("full_checks", "head_size", "lsq_head", "regression_grow", "regression_columns", "search_columns", "search_rounds", "lp_columns", "lp_grow", "lp_max_rounds"):
             if int(getattr(self, name)) < 1:
                 raise BatError(f"{name} must be a positive integer")
 
@@ -134,7 +143,7 @@ class BatStats:
     below_resolution: int = 0
     seconds: float = 0.0
     fallback_reasons: dict[str, int] = field(default_factory=dict)
-    accepts_by_source: dict[str, int] = field(default_factory=dict)  # cache | least-squares | search-k | lp
+    accepts_by_source: dict[str, int] = field(default_factory=dict)  # least-squares | reweighted | cache | regression | search-k | lp
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -153,7 +162,7 @@ class BatSolver:
         self._step_id = 0
         self._rejects: list[RejectCertificate] = []
         self._lsq: WeightedLeastSquares | None = None
-        self._points: FeasiblePointSearch | None = None
+        self._working: dict[int, WorkingSet] = {}
         self._deadline = 0.0
 
     # ------------------------------------------------------------------ steps
@@ -168,7 +177,7 @@ class BatSolver:
         step = Step.build(self.basis, logits, tau, head_size=self.config.head_size)
         self._step_id += 1
         self._rejects = []
-        self._lsq = self._points = None  # the previous step's factorizations (and the distribution they hold) can go
+        self._lsq, self._working = None, {}  # the previous step's factorizations (and the distribution they hold) can go
         self.stats.steps += 1
         return step
 
@@ -247,9 +256,9 @@ class BatSolver:
         #    and proved no token that those did not (720 real SmolLM2 candidates, eta 0.0009 and tau 0.1)
         if len(pending) and self._cache and time.perf_counter() < self._deadline:
             pending = self._accept_found(step, pending, np.column_stack(self._cache), ["cache"] * len(self._cache), out)
-        # 3. a reject certificate without any LP (most hard candidates are rejects; the simplex needs 15-30 s on them)
-        if len(pending) and cfg.point_rounds and time.perf_counter() < self._deadline:
-            pending = self._reject_found(step, pending, out)
+        # 3. proofs by least squares over the top of the distribution: the hard candidates need 6-30 s of simplex
+        if len(pending) and time.perf_counter() < self._deadline:
+            pending = self._least_squares_proofs(step, pending, out)
         # 4. exact LPs of the problem reduced to the top-k singular directions of W, k growing: a relaxation,
         #    so only their accept certificates count (proven again on the full problem)
         for k in cfg.search_levels:
@@ -263,25 +272,42 @@ class BatSolver:
             out[int(t)] = self._exact(step, int(t))
         return out
 
-    def _reject_found(self, step: Step, pending: np.ndarray, out: dict) -> np.ndarray:
-        """Record the rejects that a feasible point proves (feasible.py); return the tokens still pending."""
-        if self._points is None or self._points.step is not step:
-            self._points = FeasiblePointSearch(step, self.config.point_columns)
+    def _least_squares_proofs(self, step: Step, pending: np.ndarray, out: dict) -> np.ndarray:
+        """Record what feasible.py proves, token by token: a feasible point (reject) on growing working sets,
+        then reweighted least squares (accept); return the tokens still pending."""
+        cfg = self.config
         left = []
-        for t in pending:
-            t = int(t)
-            if time.perf_counter() >= self._deadline:
+        for t in (int(t) for t in pending):
+            decision = None
+            for columns in cfg.point_columns if cfg.point_rounds else ():
+                if time.perf_counter() >= self._deadline:
+                    break
+                found = FeasiblePointSearch(self._working_set(step, columns)).find(t, cfg.tol, cfg.point_rounds)
+                if found is not None:
+                    point = RejectCertificate(t, *found)
+                    self._rejects.append(point)
+                    self.stats.rejected_by_point += 1
+                    decision = Decision(t, False, "certificate", point)
+                    break
+            if decision is None and cfg.regression_iterations and time.perf_counter() < self._deadline:
+                found = GrowingRegression(self._working_set(step, cfg.point_columns[0])).search(
+                    t, cfg.tol, cfg.regression_iterations, cfg.regression_grow, cfg.regression_columns, self._deadline)
+                if found is not None:
+                    self._remember(found[0])
+                    self.stats.accepts_by_source["regression"] = self.stats.accepts_by_source.get("regression", 0) + 1
+                    decision = Decision(t, True, "certificate", AcceptCertificate(t, *found))
+            if decision is None:
                 left.append(t)
-                continue
-            found = self._points.find(t, self.config.tol, self.config.point_rounds)
-            if found is None:
-                left.append(t)
-                continue
-            point = RejectCertificate(t, *found)
-            self._rejects.append(point)
-            self.stats.rejected_by_point += 1
-            out[t] = Decision(t, False, "certificate", point)
+            else:
+                out[t] = decision
         return np.array(left, dtype=np.int64)
+
+    def _working_set(self, step: Step, columns: int) -> WorkingSet:
+        """The step's working set of `columns` tokens, built once per step (shared by the searches)."""
+        working = self._working.get(columns)
+        if working is None or working.step is not step:
+            working = self._working[columns] = WorkingSet(step, columns)
+        return working
 
     def _least_squares(self, step: Step) -> WeightedLeastSquares:
         """The step's least-squares factorization, kept for the step's later candidates (the sampler's

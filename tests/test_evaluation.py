@@ -129,3 +129,20 @@ def test_resume_skips_finished_stages_and_refuses_other_settings(smoke):
     assert "teacher forcing" not in again.stderr
     other = run_smoke(smoke, "--passages", "5")
     assert other.returncode == 2 and "other settings" in other.stderr and "passages" in other.stderr
+
+
+def test_reaudit_repeats_the_audit_on_the_same_positions(smoke):
+    """python -m bat_eval.reaudit re-decides the audited rejects with the current core on positions that
+    it teacher-forces again (refusing if the tokens differ); every sampled token gets one outcome."""
+    done = subprocess.run([sys.executable, "-m", "bat_eval.reaudit", "smollm2", "--out", smoke],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = load(os.path.join(smoke, "smollm2", "audit_rerun.json"))
+    stored = load(os.path.join(smoke, "smollm2", "matching.json"))["audit"]
+    assert set(report["rerun"]) == set(stored) == {"bat-eta", "bat-epsilon"}
+    for method, audit in report["rerun"].items():
+        assert audit["rejects"] == stored[method]["rejects"] and audit["sampled"] == stored[method]["sampled"] > 0
+        assert audit["accept"] + audit["reject"] + audit["undecided"] == audit["sampled"]
+    missing = subprocess.run([sys.executable, "-m", "bat_eval.reaudit", "smollm2", "--out", smoke + "/nothing"],
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "not found" in missing.stderr

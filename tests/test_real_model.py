@@ -90,13 +90,13 @@ def test_fast_path_matches_reference_on_real_candidates(basis, logits, dense_A):
 
 
 @pytest.mark.slow
-def test_feasible_points_reject_real_candidates(basis, logits, dense_A):
+def test_least_squares_proofs_on_real_candidates(basis, logits, dense_A):
     """At tau = 0.1 many low-probability tokens are rejects that the warm simplex needs 15-30 s for and
     the dense reference more than 2 minutes; the clipped least-squares point (feasible.py) proves them in
-    a fraction of a second. Each point is re-verified over the whole vocabulary by independent code,
-    which makes it a proof of the reject."""
+    a fraction of a second. Hard accepts go to the growing reweighted regression. Each point and
+    certificate is re-verified over the whole vocabulary by independent code, which makes it a proof."""
     rng = np.random.default_rng(5)
-    rejected = []
+    rejected, regression = [], []
     for row in range(0, len(logits), 2):
         p = softmax64(logits[row], basis.vocab_size)
         below = np.flatnonzero((p < 0.1) & (p > 1e-6))
@@ -104,13 +104,17 @@ def test_feasible_points_reject_real_candidates(basis, logits, dense_A):
         solver = bat_core.BatSolver(basis, bat_core.BatConfig(time_budget=3.0))
         decision = solver.decide(solver.new_step(logits[row], 0.1), [token])[0]
         assert decision.method != "fallback", (row, token, solver.stats)
+        cert = decision.certificate
         if solver.stats.rejected_by_point:
-            cert = decision.certificate
             assert not decision.accepted and decision.method == "certificate"
             assert isinstance(cert, bat_core.RejectCertificate) and cert.token == token
             check_reject(dense_A, p, 0.1, token, cert.support, cert.q, solver.config.tol)
             rejected.append((row, token))
-    assert len(rejected) >= 2, rejected
+        if solver.stats.accepts_by_source.get("regression"):
+            assert decision.accepted and decision.method == "certificate"
+            check_accept(dense_A, p, 0.1, token, cert.y, solver.config.tol)
+            regression.append((row, token))
+    assert len(rejected) >= 2 and len(regression) >= 1, (rejected, regression)
 
 
 def test_request_lp_model_is_reused_across_steps(basis, logits):
