@@ -36,12 +36,13 @@ def near_boundary_tau(p, rng):
 CASES = 2000
 
 
-@pytest.mark.parametrize("chunk", range(4))
-def test_fast_path_agrees_with_reference(chunk):
-    rng = np.random.default_rng(1000 + chunk)
+def agree_with_reference(seed: int, cases: int, config: bat_core.BatConfig | None = None) -> dict:
+    """Decide `cases` random candidates with the fast path, re-check every certificate independently and
+    compare with the dense reference; returns counts (checked, in the tolerance band, by stage)."""
+    rng = np.random.default_rng(seed)
     kinds = ["plain", "duplicates", "zero_rows", "wide", "low_rank"]
-    checked = gray = by_point = by_regression = 0
-    for case in range(CASES // 4):
+    counts = dict(checked=0, gray=0, by_point=0, by_regression=0, lp_rejects=0, lp_accepts=0)
+    for case in range(cases):
         kind = kinds[case % len(kinds)]
         W, logits = random_case(rng, kind)
         p = softmax64(logits, len(W))
@@ -51,7 +52,7 @@ def test_fast_path_agrees_with_reference(chunk):
             continue
         token = int(rng.choice(below))
         basis = bat_core.Basis(W)
-        solver = bat_core.BatSolver(basis)
+        solver = bat_core.BatSolver(basis, config)
         decision = solver.decide(solver.new_step(logits, tau), [token])[0]
         if decision.method == "argmax":
             assert decision.accepted
@@ -62,9 +63,10 @@ def test_fast_path_agrees_with_reference(chunk):
         ref = bat_core.reference_decide(basis, logits, token, tau, tol=TOL)
         assert ref.status in ("Optimal", "threshold"), (kind, case, ref.status, p[token])
         A = augmented(W)
-        checked += 1
-        by_point += solver.stats.rejected_by_point
-        by_regression += solver.stats.accepts_by_source.get("regression", 0)
+        counts["checked"] += 1
+        counts["by_point"] += solver.stats.rejected_by_point
+        counts["by_regression"] += solver.stats.accepts_by_source.get("regression", 0)
+        counts["lp_rejects" if not decision.accepted else "lp_accepts"] += decision.method == "lp"
         if decision.accepted:
             check_accept(A, p, tau, token, decision.certificate.y, TOL)
         elif decision.method != "fallback":
@@ -73,13 +75,27 @@ def test_fast_path_agrees_with_reference(chunk):
         if decision.accepted != ref.accepted:
             # only inside the solver's tolerance band may the two differ
             assert TOL / 100 <= ref.relative_infeasibility <= TOL * 100, (kind, case, ref, decision)
-            gray += 1
-    assert checked > CASES // 8
-    assert gray <= max(1, checked // 200)
+            counts["gray"] += 1
+    assert counts["checked"] > cases // 2
+    assert counts["gray"] <= max(1, counts["checked"] // 200)
+    return counts
+
+
+@pytest.mark.parametrize("chunk", range(4))
+def test_fast_path_agrees_with_reference(chunk):
+    counts = agree_with_reference(1000 + chunk, CASES // 4)
     # the least-squares proofs ran, and their points and certificates passed the independent checks
-    assert by_point > 0 and by_regression > 0
-    print(f"chunk {chunk}: {checked} checked, {by_point} rejected by a feasible point, {by_regression} accepted by"
-          f" the growing regression, {gray} in the tolerance band")
+    assert counts["by_point"] > 0 and counts["by_regression"] > 0, counts
+    print(f"chunk {chunk}: {counts}")
+
+
+def test_exact_lp_alone_agrees_with_reference():
+    """With the least-squares proofs off, the exact LP decides what the cheap search leaves: its reject
+    points and accept certificates pass the same independent checks and agree with the reference."""
+    config = bat_core.BatConfig(point_rounds=0, regression_iterations=0)
+    counts = agree_with_reference(2000, 300, config)
+    assert counts["by_point"] == counts["by_regression"] == 0
+    assert counts["lp_rejects"] > 0 and counts["lp_accepts"] > 0, counts
 
 
 def test_certificate_search_alone_is_sound_and_reweighting_only_adds():
