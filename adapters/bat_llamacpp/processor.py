@@ -34,7 +34,8 @@ from bat_core import BatError, ThresholdRule
 from .gguf_weights import read_output_layer
 
 MODES = ("sample", "mask")
-# LP seconds per decision while generating. 0: certificate search only, which is deterministic (a seed
+# Seconds per decision for the exact path's later stages (least-squares proofs, LPs) while generating.
+# 0: certificate search only, which is deterministic (a seed
 # reproduces the text on any machine) and keeps ~0.9x of plain eta's throughput; see docs/llamacpp.md
 GENERATION_TIME_BUDGET = 0.0
 SPAN_TOLERANCE = 1e-3  # relative residual; the right W gives ~1e-5 (float32), a wrong one ~0.1-1

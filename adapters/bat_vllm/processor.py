@@ -9,8 +9,9 @@
 
 Per-request settings (flat keys, the same in `extra_args` and `vllm_xargs`): exactly one of `bat_eta`,
 `bat_epsilon`, `bat_tau`; optional `bat_mode` ("sample", "mask", or "threshold": the plain rule
-without BAT), `bat_seed` (default: the request's own seed), `bat_time_budget` (LP seconds per
-decision, default 0: certificate search only).
+without BAT), `bat_seed` (default: the request's own seed), `bat_time_budget` (seconds per
+decision for the exact path's later stages, least-squares proofs and LPs; default 0: certificate
+search only).
 A request without `bat_` keys is not touched. The processor keeps one core `BatSampler` per BAT
 request, keyed by its row in vLLM's persistent batch, and follows vLLM's added / removed / moved
 bookkeeping; the sampler (and its HiGHS model, if it ever needed one) is freed when the request leaves.
