@@ -46,7 +46,7 @@ class BatConfig:
     lp_columns: int = 128  # initial working set of the exact LP (1024 took 2-8x longer on 5 hard SmolLM2 candidates)
     lp_grow: int = 256  # tokens added per column-generation round of the exact LP
     lp_max_rounds: int = 12  # column-generation rounds before a fallback
-    point_columns: tuple[int, ...] = (2048, 8192)  # working sets of the feasible-point search, tried in turn
+    point_columns: tuple[int, ...] = (2048, 8192)  # working sets of the feasible-point search, tried in turn (the first also starts the regression)
     point_rounds: int = 16  # clip-and-re-solve rounds of that search (0 turns it off; 8 missed one of 35 hard candidates)
     regression_iterations: int = 20  # reweighted least-squares iterations with column generation (0: off)
     regression_grow: int = 512  # tokens joining its working set per iteration
