@@ -146,6 +146,8 @@ class GrowingRegression:
             except np.linalg.LinAlgError:
                 return None
             y = z / (a_i @ z)  # c_i = 1
+            if not np.isfinite(y).all():
+                return None  # a degenerate system (a_i . z = 0): nothing to prove with
             candidates = step.with_best_offsets(y[:, None], token)
             ranking = step.head_values(candidates, token)
             best = int(np.argmax(ranking))
