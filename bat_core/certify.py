@@ -127,6 +127,11 @@ class Step:
         self.__dict__["_rows"] = (np.array(tokens, copy=True), rows)
         return rows
 
+    def augmented_rows(self, tokens: np.ndarray) -> np.ndarray:
+        """Rows a_j = (s_j w_j, 1) of [W, 1] in float64: the columns of the LPs and least-squares systems."""
+        rows = self.basis.rows(tokens) * self.scale_of(tokens)[:, None]
+        return np.hstack([rows, np.ones((len(tokens), 1))])
+
     def exact_set(self, token: int) -> np.ndarray:
         """The head with `token` added, sorted: the tokens whose products a decision on `token` computes
         exactly (the last one is kept: one decision asks for it several times)."""
@@ -273,14 +278,18 @@ class Step:
             best = np.maximum(best, value)
         return best / (self.p[token] * np.abs(Y).max(axis=0))
 
-    def full_value(self, y: np.ndarray, token: int, u_exact: np.ndarray | None = None) -> float:
+    def full_value(
+        self, y: np.ndarray, token: int, u_exact: np.ndarray | None = None, u32: np.ndarray | None = None
+    ) -> float:
         """Rigorous lower bound of max(value(y, token), value(-y, token)) from one float32 product over
         the vocabulary (exact float64 on the head): the single-token case of `all_values`, without
-        its [v, m] intermediates. `u_exact`: W y_w on exact_set(token), if already computed."""
+        its [v, m] intermediates. `u_exact`: W y_w on exact_set(token), if already computed; `u32`:
+        Basis.matvec(y_w), if already made (any float32 product of W and y_w meets the rounding bound)."""
         d = self.basis.hidden_size
         exact = self.exact_set(token)
         c_exact, err_exact, _ = self.exact_products(exact, y[:, None], None if u_exact is None else u_exact[:, None])
-        u32 = self.basis.matvec(y[:d])
+        if u32 is None:
+            u32 = self.basis.matvec(y[:d])
         p, tp, i = self.p, self.tprime, token
         g = float32_gamma(d) * float(np.linalg.norm(y[:d]))
         rounding = 1.0 + 4 * self.basis.vocab_size * U64  # the float64 sum of v terms, rounded up

@@ -3,7 +3,7 @@
 Both searches work on a working set K of the most probable tokens, with rows a_j = (s_j w_j, 1) and
 the Gram matrix G = sum_{j in K} p_j a_j a_j' (`WorkingSet`, built once per step and shared).
 
-**Reject** (`FeasiblePointSearch`). Token i is rejected when some q with q_i = -p_i, every other
+**Reject** (`feasible_point`). Token i is rejected when some q with q_i = -p_i, every other
 q_j in [-p_j, tau' p_j] and sum_j q_j a_j = 0 exists (METHOD.md sections 2-3). Holding every token
 outside K at q_j = 0 is a restriction, so a point found on K is a point of the full problem: an exact
 reject. The search takes the least-squares solution of sum_{j in K} q_j a_j = p_i a_i with weights
@@ -12,7 +12,7 @@ bound they crossed and re-solves the rest, a few rounds. On real SmolLM2 candida
 warm-started simplex could not decide in 2 s (it needs 15-30 s), it found a point in 0.05-0.09 s for
 7 of 8 with K = 2048; the rest of such rejects need K = 4096-8192 (0.1-0.3 s).
 
-**Accept** (`GrowingRegression`). Token i is accepted when some c = A y with c_i = 1 has
+**Accept** (`regression_certificate`). Token i is accepted when some c = A y with c_i = 1 has
 sum_{j != i} p_j rho(c_j) < p_i. Iteratively reweighted least squares writes that cost as
 sum_j v_j c_j^2 with v_j = p_j slope(c_j) / |c_j| and re-solves H y = a_i (H = sum v_j a_j a_j'),
 while the tokens outside K that the current y charges most (p_j rho(c_j), from one float32 product
@@ -52,14 +52,9 @@ class WorkingSet:
         else:
             tokens = np.argpartition(-p, k - 1)[:k] if k < len(p) else np.arange(len(p))
         self.tokens = np.sort(tokens)
-        self.A = self.rows(self.tokens)
+        self.A = step.augmented_rows(self.tokens)
         self.weights = p[self.tokens]
         self.gram = weighted_gram(self.A, self.weights)
-
-    def rows(self, tokens: np.ndarray) -> np.ndarray:
-        step = self.step
-        rows = step.basis.rows(tokens) * step.scale_of(tokens)[:, None]
-        return np.hstack([rows, np.ones((len(tokens), 1))])
 
     def without(self, token: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(tokens, A, weights, G) with `token` left out (a copy of G the caller may change)."""
@@ -70,105 +65,100 @@ class WorkingSet:
         return self.tokens[keep], self.A[keep], self.weights[keep], self.gram - self.step.p[token] * np.outer(a, a)
 
 
-class FeasiblePointSearch:
-    """`find(token)` gives a point that rejects `token` as (support, q, residual_l1 bound), or None."""
-
-    def __init__(self, working: WorkingSet) -> None:
-        self.working = working
-        self.step = working.step
-
-    def find(self, token: int, tol: float, rounds: int = 16) -> tuple[np.ndarray, np.ndarray, float] | None:
-        """The support holds `token` itself (q = -p_token); None when the rounds end without a point whose
-        residual is within tol * p_token * ||a_token||_1."""
-        p_i = float(self.step.p[token])
-        a_i = self.working.rows(np.array([token]))[0]
-        tokens, A, w, gram = self.working.without(token)
-        lower, upper = -w, self.step.tprime * w
-        q = np.zeros(len(w))
-        free = np.ones(len(w), dtype=bool)
-        rhs = p_i * a_i
-        for _ in range(rounds):
-            if free.sum() < A.shape[1]:
-                return None  # too few free tokens left to span the rows
-            try:
-                lam = np.linalg.solve(gram, rhs - A[~free].T @ q[~free])
-            except np.linalg.LinAlgError:
-                return None
-            q[free] = w[free] * (A[free] @ lam)
-            below, above = free & (q < lower), free & (q > upper)
-            if not below.any() and not above.any():
-                return self._checked(token, tokens, A, q, a_i, tol)
-            # hold the tokens that crossed a bound at it (exactly: -p_j sets the token to zero mass)
-            q[below], q[above] = lower[below], upper[above]
-            crossed = below | above
-            gram -= weighted_gram(A[crossed], w[crossed])
-            free &= ~crossed
-        return None
-
-    def _checked(self, token: int, tokens: np.ndarray, A: np.ndarray, q: np.ndarray, a_i: np.ndarray, tol: float):
-        """The point's residual with a rigorous float64 bound, or None when it is not within tolerance."""
-        p_i = float(self.step.p[token])
-        support = np.flatnonzero(q)
-        residual = A[support].T @ q[support] - p_i * a_i
-        # each entry is a float64 sum of len(support) + 1 products: error <= gamma * the sum of |terms|
-        n = len(support) + 2
-        gamma = n * U64 / (1.0 - n * U64)
-        magnitude = np.abs(A[support]).T @ np.abs(q[support]) + p_i * np.abs(a_i)
-        residual_l1 = float(np.abs(residual).sum() + gamma * magnitude.sum()) * (1.0 + 4 * len(a_i) * U64)
-        if not residual_l1 <= tol * p_i * float(np.abs(a_i).sum()):
+def feasible_point(
+    working: WorkingSet, token: int, tol: float, rounds: int = 16
+) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """A point that rejects `token`: (support, q on the support, bound of ||sum_j q_j a_j||_1), the support
+    holding `token` itself (q = -p_token); None when the rounds end without one whose residual is within
+    tol * p_token * ||a_token||_1."""
+    step = working.step
+    p_i = float(step.p[token])
+    a_i = step.augmented_rows(np.array([token]))[0]
+    tokens, A, w, gram = working.without(token)
+    lower, upper = -w, step.tprime * w
+    q = np.zeros(len(w))
+    free = np.ones(len(w), dtype=bool)
+    rhs = p_i * a_i
+    for _ in range(rounds):
+        if free.sum() < A.shape[1]:
+            return None  # too few free tokens left to span the rows
+        try:
+            lam = np.linalg.solve(gram, rhs - A[~free].T @ q[~free])
+        except np.linalg.LinAlgError:
             return None
-        return np.append(tokens[support], token), np.append(q[support], -p_i), residual_l1
+        q[free] = w[free] * (A[free] @ lam)
+        below, above = free & (q < lower), free & (q > upper)
+        if not below.any() and not above.any():
+            return _checked_point(token, p_i, tokens, A, q, a_i, tol)
+        # hold the tokens that crossed a bound at it (exactly: -p_j sets the token to zero mass)
+        q[below], q[above] = lower[below], upper[above]
+        crossed = below | above
+        gram -= weighted_gram(A[crossed], w[crossed])
+        free &= ~crossed
+    return None
 
 
-class GrowingRegression:
-    """`search(token)` gives an accept certificate (y, value) proven over the whole vocabulary, or None."""
-
-    def __init__(self, working: WorkingSet) -> None:
-        self.working = working
-        self.step = working.step
-
-    def search(
-        self, token: int, tol: float, iterations: int, grow: int, max_columns: int, deadline: float
-    ) -> tuple[np.ndarray, float] | None:
-        step = self.step
-        basis, p_all, tprime = step.basis, step.p, step.tprime
-        a_i = self.working.rows(np.array([token]))[0]
-        limit = tol * float(np.abs(a_i).sum())
-        tokens, A, p, H = self.working.without(token)
-        in_set = np.zeros(len(p_all), dtype=bool)
-        in_set[tokens] = in_set[token] = True
-        for _ in range(iterations):
-            if time.perf_counter() >= deadline:
-                return None
-            H[np.diag_indices_from(H)] += 1e-12 * np.trace(H) / len(H)  # keeps H invertible; y is only a candidate
-            try:
-                z = np.linalg.solve(H, a_i)
-            except np.linalg.LinAlgError:
-                return None
-            y = z / (a_i @ z)  # c_i = 1
-            if not np.isfinite(y).all():
-                return None  # a degenerate system (a_i . z = 0): nothing to prove with
-            candidates = step.with_best_offsets(y[:, None], token)
-            ranking = step.head_values(candidates, token)
-            best = int(np.argmax(ranking))
-            if ranking[best] > limit:  # the tail only lowers the value: otherwise no product can prove it
-                value = step.full_value(candidates[:, best], token)
-                if value > limit:
-                    return candidates[:, best].copy(), value
-            if len(tokens) < max_columns:  # the tokens outside the set that y charges most join it
-                c = basis.matvec(y[:-1].astype(np.float32)).astype(np.float64)
-                if step.scale is not None:
-                    c *= step.scale
-                cost = p_all * rho(c + y[-1], tprime)
-                cost[in_set] = -1.0
-                k = min(grow, max_columns - len(tokens), int((cost > 0).sum()))
-                if k > 0:
-                    add = np.argpartition(-cost, k - 1)[:k]
-                    in_set[add] = True
-                    tokens, A = np.concatenate([tokens, add]), np.vstack([A, self.working.rows(add)])
-                    p = p_all[tokens]
-            c = A @ y
-            floor = 1e-3 * float(np.median(np.abs(c))) + 1e-300
-            v = p * np.where(c > 0, tprime, 1.0) / np.maximum(np.abs(c), floor)
-            H = weighted_gram(A, v)
+def _checked_point(token: int, p_i: float, tokens: np.ndarray, A: np.ndarray, q: np.ndarray, a_i: np.ndarray, tol: float):
+    """The point's residual with a rigorous float64 bound, or None when it is not within tolerance."""
+    support = np.flatnonzero(q)
+    residual = A[support].T @ q[support] - p_i * a_i
+    # each entry is a float64 sum of len(support) + 1 products: error <= gamma * the sum of |terms|
+    n = len(support) + 2
+    gamma = n * U64 / (1.0 - n * U64)
+    magnitude = np.abs(A[support]).T @ np.abs(q[support]) + p_i * np.abs(a_i)
+    residual_l1 = float(np.abs(residual).sum() + gamma * magnitude.sum()) * (1.0 + 4 * len(a_i) * U64)
+    if not residual_l1 <= tol * p_i * float(np.abs(a_i).sum()):
         return None
+    return np.append(tokens[support], token), np.append(q[support], -p_i), residual_l1
+
+
+def regression_certificate(
+    working: WorkingSet, token: int, tol: float, iterations: int, grow: int, max_columns: int, deadline: float
+) -> tuple[np.ndarray, float] | None:
+    """An accept certificate (y, value) for `token`, proven over the whole vocabulary, or None."""
+    step = working.step
+    basis, p_all, tprime, d = step.basis, step.p, step.tprime, step.basis.hidden_size
+    a_i = step.augmented_rows(np.array([token]))[0]
+    limit = tol * float(np.abs(a_i).sum())
+    tokens, A, p, H = working.without(token)
+    in_set = np.zeros(len(p_all), dtype=bool)
+    in_set[tokens] = in_set[token] = True
+    for _ in range(iterations):
+        if time.perf_counter() >= deadline:
+            return None
+        H[np.diag_indices_from(H)] += 1e-12 * np.trace(H) / len(H)  # keeps H invertible; y is only a candidate
+        try:
+            z = np.linalg.solve(H, a_i)
+        except np.linalg.LinAlgError:
+            return None
+        y = z / (a_i @ z)  # c_i = 1
+        if not np.isfinite(y).all():
+            return None  # a degenerate system (a_i . z = 0): nothing to prove with
+        # one product over the vocabulary per iterate: it proves (the candidates are +y and -y with other
+        # constants, so -u32 is the product of -y) and it picks the tokens that join the set
+        u32 = None
+        candidates = step.with_best_offsets(y[:, None], token)  # columns +y, -y
+        ranking = step.head_values(candidates, token)
+        best = int(np.argmax(ranking))
+        if ranking[best] > limit:  # the tail only lowers the value: otherwise no product can prove it
+            u32 = basis.matvec(y[:d])
+            value = step.full_value(candidates[:, best], token, u32=u32 if best == 0 else -u32)
+            if value > limit:
+                return candidates[:, best].copy(), value
+        if len(tokens) < max_columns:  # the tokens outside the set that y charges most join it
+            c = (basis.matvec(y[:d]) if u32 is None else u32).astype(np.float64)
+            if step.scale is not None:
+                c *= step.scale
+            cost = p_all * rho(c + y[d], tprime)
+            cost[in_set] = -1.0
+            k = min(grow, max_columns - len(tokens), int((cost > 0).sum()))
+            if k > 0:
+                add = np.argpartition(-cost, k - 1)[:k]
+                in_set[add] = True
+                tokens, A = np.concatenate([tokens, add]), np.vstack([A, step.augmented_rows(add)])
+                p = p_all[tokens]
+        c = A @ y
+        floor = 1e-3 * float(np.median(np.abs(c))) + 1e-300
+        v = p * np.where(c > 0, tprime, 1.0) / np.maximum(np.abs(c), floor)
+        H = weighted_gram(A, v)
+    return None

@@ -97,11 +97,7 @@ class RequestLP:
         new = [int(t) for t in tokens if int(t) not in self.column_of]
         if not new:
             return
-        new_arr = np.array(new)
-        d = step.basis.hidden_size
-        block = np.empty((len(new), self.rows))
-        block[:, :d] = step.basis.rows(new_arr) * step.scale_of(new_arr)[:, None]
-        block[:, d] = 1.0
+        block = step.augmented_rows(np.array(new))
         n = len(new)
         self.highs.addCols(
             n, np.zeros(n), np.zeros(n), np.zeros(n), n * self.rows,
@@ -135,7 +131,7 @@ class RequestLP:
         cand = np.array([candidate])
         a_norm = float(step.tolerance_scale(cand)[0])
         p_i = step.p[candidate]
-        rhs = np.append(step.basis.rows(cand)[0] * step.scale_of(cand)[0], 1.0)
+        rhs = step.augmented_rows(cand)[0]
         h = self.highs
         h.changeRowsBounds(self.rows, np.arange(self.rows, dtype=np.int32), rhs, rhs)
         for round_ in range(max_rounds):

@@ -25,7 +25,7 @@ import numpy as np
 from .basis import Basis
 from .certify import Step
 from .errors import BatError
-from .feasible import FeasiblePointSearch, GrowingRegression, WorkingSet
+from .feasible import WorkingSet, feasible_point, regression_certificate
 from .lp import RequestLP
 from .search import WeightedLeastSquares
 from .thresholds import ThresholdRule
@@ -282,7 +282,7 @@ class BatSolver:
             for columns in cfg.point_columns if cfg.point_rounds else ():
                 if time.perf_counter() >= self._deadline:
                     break
-                found = FeasiblePointSearch(self._working_set(step, columns)).find(t, cfg.tol, cfg.point_rounds)
+                found = feasible_point(self._working_set(step, columns), t, cfg.tol, cfg.point_rounds)
                 if found is not None:
                     point = RejectCertificate(t, *found)
                     self._rejects.append(point)
@@ -290,8 +290,8 @@ class BatSolver:
                     decision = Decision(t, False, "certificate", point)
                     break
             if decision is None and cfg.regression_iterations and time.perf_counter() < self._deadline:
-                found = GrowingRegression(self._working_set(step, cfg.point_columns[0])).search(
-                    t, cfg.tol, cfg.regression_iterations, cfg.regression_grow, cfg.regression_columns, self._deadline)
+                found = regression_certificate(
+                    self._working_set(step, cfg.point_columns[0]), t, cfg.tol, cfg.regression_iterations, cfg.regression_grow, cfg.regression_columns, self._deadline)
                 if found is not None:
                     self._remember(found[0])
                     self.stats.accepts_by_source["regression"] = self.stats.accepts_by_source.get("regression", 0) + 1
