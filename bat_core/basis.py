@@ -253,6 +253,32 @@ class Basis:
             list(matvec_pool().map(work, range(parts)))
         return out
 
+    def rows_value_sums(self, tokens: np.ndarray, y: np.ndarray, weight: np.ndarray, scale: np.ndarray | None,
+                        y0: float, g: float, tprime: float) -> np.ndarray | None:
+        """certify.py's value sums over the rows `tokens` (sorted) only, with c_j = s_j (W y)_j + y0 made on the
+        int8 rows as they are read, and a lower bound of those rows' energy: [sum weight_j max(tau' hi_j, -lo_j),
+        sum weight_j max(-tau' lo_j, hi_j), sum max(|u_j| - g ||w_j||, 0)^2], split over the product threads.
+        None where the compiled int8 product is not what `matvec` runs (the caller then uses `matvec`)."""
+        q8 = None if self._host_numpy or self._device_W is not None else self._q8_rows()
+        if q8 is None:
+            return None
+        tokens = np.ascontiguousarray(tokens, dtype=np.int64)
+        y = np.ascontiguousarray(y, dtype=np.float32)
+        weight = np.ascontiguousarray(weight, dtype=np.float64)
+        scale = None if scale is None else np.ascontiguousarray(scale, dtype=np.float64)
+        parts = matvec_threads() if len(tokens) >= 4096 else 1
+        bounds = np.linspace(0, len(tokens), parts + 1).astype(int)
+        sums = np.zeros((parts, 3))
+
+        def work(k: int) -> None:
+            q8.rows_value_sums(tokens[bounds[k] : bounds[k + 1]], y, weight, self.row_norm, scale, y0, g, tprime, sums[k])
+
+        if parts == 1:
+            work(0)
+        else:
+            list(matvec_pool().map(work, range(parts)))
+        return sums.sum(axis=0)
+
     def _device_product(self, y: np.ndarray) -> np.ndarray:
         """W @ y on the device in plain float32 arithmetic, by blocks of rows."""
         import torch

@@ -56,6 +56,17 @@ def _rho_upper(lo: np.ndarray, hi: np.ndarray, tprime: float) -> np.ndarray:
 
 
 @dataclass
+class NearTokens:
+    """One stage of Step.near: the tokens whose products it adds, and for the rest of the vocabulary after it
+    (outside the head and every stage so far): sum p_j, sum (p_j s_j)^2 and max p_j s_j^2, each rounded up."""
+
+    rows: np.ndarray  # sorted token ids
+    mass: float
+    weight_sq: float
+    weight_max: float
+
+
+@dataclass
 class Step:
     """One next-token distribution and what every decision on it shares."""
 
@@ -64,8 +75,11 @@ class Step:
     tau: float
     scale: np.ndarray | None  # soft-cap row scale s_j, or None
     head_size: int = 1024
+    near_sizes: tuple[int, ...] = (16384, 32768)  # growing sets of most probable tokens checked before the whole vocabulary
     tprime: float = field(init=False)
     lipschitz: float = field(init=False)
+    near_products: int = field(default=0, init=False)  # full_value checks settled by the near tokens' products
+    vocabulary_products: int = field(default=0, init=False)  # full_value checks that made a product over the vocabulary
 
     def __post_init__(self) -> None:
         self.tprime = self.tau / (1.0 - self.tau)
@@ -81,7 +95,9 @@ class Step:
         return float(self.p.sum())
 
     @classmethod
-    def build(cls, basis: Basis, logits, tau, head_size: int = 1024) -> "Step":
+    def build(
+        cls, basis: Basis, logits, tau, head_size: int = 1024, near_sizes: tuple[int, ...] = (16384, 32768)
+    ) -> "Step":
         """`tau` is a number, a ThresholdRule, or a callable that computes it from the probabilities."""
         z = basis.checked_logits(logits)
         if isinstance(tau, ThresholdRule):
@@ -91,7 +107,7 @@ class Step:
             p /= p.sum()
             if callable(tau):
                 tau = tau(p)
-        return cls(basis, p, float(tau), basis.row_scale(z), head_size)
+        return cls(basis, p, float(tau), basis.row_scale(z), head_size, tuple(near_sizes))
 
     @functools.cached_property
     def head(self) -> np.ndarray:
@@ -100,6 +116,38 @@ class Step:
         p, k = self.p, min(self.head_size, len(self.p))
         head = np.argpartition(-p, k - 1)[:k] if k < len(p) else np.arange(len(p))
         return head[np.argsort(-p[head], kind="stable")]
+
+    @functools.cached_property
+    def near(self) -> list["NearTokens"]:
+        """Stages of a certificate check before the whole vocabulary: the most probable tokens past the head,
+        `near_sizes` of them in turn (those that stay under half of the vocabulary, past which the product over
+        all of it costs little more). Each stage holds the tokens it adds and what bounds the rest after it."""
+        p = self.p
+        sizes = sorted({int(k) for k in self.near_sizes if k >= 1 and len(self.head) + k <= len(p) // 2})
+        if not sizes:
+            return []
+        largest = np.argpartition(-p, sizes[-1] - 1)[: sizes[-1]]
+        kept = np.zeros(len(p), dtype=bool)
+        kept[self.head] = True
+        stages = []
+        for k in sizes:
+            top = largest if k == sizes[-1] else largest[np.argpartition(-p[largest], k - 1)[:k]]
+            added = np.zeros(len(p), dtype=bool)
+            added[top] = True
+            added &= ~kept
+            kept |= added
+            kept_ids = np.flatnonzero(kept)
+            # the rest's sums as totals less the kept tokens' (indexing the kept few is 10x faster than the rest);
+            # each float64 sum of at most v terms is within 4 v u of exact: allow for the three of them
+            slack = 4 * (len(p) + len(kept_ids)) * U64
+            weight = p[kept_ids] if self.scale is None else p[kept_ids] * self.scale[kept_ids]
+            stages.append(NearTokens(
+                rows=np.flatnonzero(added),
+                mass=max(self.p_total - float(p[kept_ids].sum()), 0.0) + slack * self.p_total,
+                weight_sq=max(self.weight_sq_total - float(weight @ weight), 0.0) + slack * self.weight_sq_total,
+                weight_max=float(p[top].min()),  # p_j s_j^2 <= p_j (soft-cap scales lie in [0, 1]) <= the top's smallest
+            ))
+        return stages
 
     @functools.cached_property
     def head_sorted(self) -> np.ndarray:
@@ -279,32 +327,101 @@ class Step:
         return best / (self.p[token] * np.abs(Y).max(axis=0))
 
     def full_value(
-        self, y: np.ndarray, token: int, u_exact: np.ndarray | None = None, u32: np.ndarray | None = None
+        self, y: np.ndarray, token: int, u_exact: np.ndarray | None = None, u32: np.ndarray | None = None,
+        enough: float | None = None,
     ) -> float:
         """Rigorous lower bound of max(value(y, token), value(-y, token)) from one float32 product over
         the vocabulary (exact float64 on the head): the single-token case of `all_values`, without
         its [v, m] intermediates. `u_exact`: W y_w on exact_set(token), if already computed; `u32`:
-        Basis.matvec(y_w), if already made (any float32 product of W and y_w meets the rounding bound)."""
+        Basis.matvec(y_w), if already made (any float32 product of W and y_w meets the rounding bound).
+
+        `enough` (the value that settles the caller's question): first bound the tail from the products of
+        the near tokens only (`near`) and a bound of the rest that needs no product (`_rest_bounds`), and
+        make the product over the whole vocabulary only where that is not above `enough`. With the compiled
+        int8 product the near pass reads only the near rows; without it, it is taken from the whole product,
+        so that both give the same decisions. The larger of the two bounds is returned."""
         d = self.basis.hidden_size
         exact = self.exact_set(token)
-        c_exact, err_exact, _ = self.exact_products(exact, y[:, None], None if u_exact is None else u_exact[:, None])
-        if u32 is None:
-            u32 = self.basis.matvec(y[:d])
+        c_exact, err_exact, u_exact = self.exact_products(exact, y[:, None], None if u_exact is None else u_exact[:, None])
         p, tp, i = self.p, self.tprime, token
         g = float32_gamma(d) * float(np.linalg.norm(y[:d]))
+        y0 = float(y[d])
         rounding = 1.0 + 4 * self.basis.vocab_size * U64  # the float64 sum of v terms, rounded up
         # the head and the candidate from exact float64 products, the rest from the float32 product
         hi_exact, lo_exact = c_exact[:, 0] + err_exact[:, 0], c_exact[:, 0] - err_exact[:, 0]
         up_exact = (_rho_upper(lo_exact, hi_exact, tp), _rho_upper(-hi_exact, -lo_exact, tp))  # +y, -y
         pos = int(np.searchsorted(exact, i))
+
+        def value(tail: tuple[float, float]) -> float:
+            best = -np.inf
+            for sign_lo, up, rest in ((lo_exact[pos], up_exact[0], tail[0]), (-hi_exact[pos], up_exact[1], tail[1])):
+                others = (rest + float(p[exact] @ up)) * rounding - p[i] * up[pos]
+                best = max(best, p[i] * sign_lo - others)
+            return best / (p[i] * float(np.abs(y).max()))
+
+        near_value = -np.inf
+        sums, counted, outside = np.zeros(3), 0, None
+        for stage in self.near if enough is not None and u32 is None else ():
+            rows = stage.rows
+            at = int(np.searchsorted(rows, i))
+            if at < len(rows) and rows[at] == i:
+                rows = np.delete(rows, at)  # the candidate's product is exact
+            g_up = g * (1.0 + 8 * U64)  # so that the float64 |u_j| - g ||w_j|| of the energy's lower bound rounds down
+            added = self.basis.rows_value_sums(rows, y[:d], p, self.scale, y0, g_up, tp)
+            if added is None:  # no compiled product: the same sums from the product over the vocabulary
+                u32 = self.basis.matvec(y[:d]) if u32 is None else u32
+                added = self._near_sums(u32, rows, g_up, y0)
+            sums += added
+            counted += len(rows) + 4
+            if outside is None:
+                outside = float(self._outside_energy(y[:, None], exact, u_exact)[0])
+            # the rest's energy: what lies outside the exact tokens, less a lower bound of the near rows' own
+            energy = max(outside - sums[2] * (1.0 - 4 * counted * U64), 0.0)
+            rest = self._rest_bounds(stage, y0, energy)
+            near_value = max(near_value, value((sums[0] + rest[0], sums[1] + rest[1])))
+            if near_value > enough:
+                self.near_products += 1
+                return near_value
+        if u32 is None:
+            u32 = self.basis.matvec(y[:d])
+        self.vocabulary_products += 1
         weight = p.copy()
         weight[exact] = 0.0
-        tail = self._tail_sums(u32, weight, g, float(y[d]))
-        best = -np.inf
-        for sign_lo, up, rest in ((lo_exact[pos], up_exact[0], tail[0]), (-hi_exact[pos], up_exact[1], tail[1])):
-            others = (rest + float(p[exact] @ up)) * rounding - p[i] * up[pos]
-            best = max(best, p[i] * sign_lo - others)
-        return best / (p[i] * float(np.abs(y).max()))
+        return max(value(self._tail_sums(u32, weight, g, y0)), near_value)
+
+    def _near_sums(self, u32: np.ndarray, rows: np.ndarray, g: float, y0: float) -> np.ndarray:
+        """Basis.rows_value_sums in numpy, from a product over the vocabulary (the same float64 operations)."""
+        u = u32[rows].astype(np.float64)
+        s = None if self.scale is None else self.scale[rows]
+        c = u + y0 if s is None else s * u + y0
+        norm = self.basis.row_norm[rows]
+        err = g * (norm if s is None else s * norm) + 4 * U64 * np.abs(c)
+        hi, lo = c + err, c - err
+        w = self.p[rows]
+        low = np.maximum(np.abs(u) - g * norm, 0.0)
+        return np.array([w @ _rho_upper(lo, hi, self.tprime), w @ _rho_upper(-hi, -lo, self.tprime), low @ low])
+
+    def _rest_bounds(self, near: "NearTokens", y0: float, energy: float) -> tuple[float, float]:
+        """Upper bounds of sum_j p_j rho(+-c_j) over the tokens outside the head and the near tokens, from
+        their mass, weights and energy (an upper bound of sum_j u_j^2) alone, for +y and -y.
+
+        Two bounds, the smaller taken. With x_j = s_j u_j and S = sqrt(sum (p_j s_j)^2) sqrt(energy) >= sum p_j |x_j|:
+        - Lipschitz and Cauchy-Schwarz: rho(y0 + x) <= rho(y0) + L |x|, so the sum is <= rho(y0) mass + L S;
+        - quadratic: rho(t) = tau' t + (1 + tau') max(-t, 0), and max(z, 0) <= (z + a)^2 / (4a) for any a > 0,
+          so the sum is <= tau' (max(y0, 0) mass + S) + (1 + tau') (mass (a - y0)^2 + 2 |a - y0| S
+          + max_j(p_j s_j^2) energy) / (4a). It is far tighter when c_j > 0 on most of the rest (the common
+          case: positive c_j cost only tau' per unit), since the rest's largest p_j is small."""
+        tp, mass = self.tprime, near.mass
+        spread = float(np.sqrt(near.weight_sq * energy))
+        out = []
+        for shift in (y0, -y0):
+            lipschitz = float(rho(np.array(shift), tp)) * mass + self.lipschitz * spread
+            best_a = np.sqrt(shift * shift + near.weight_max * energy / max(mass, 1e-300)) + 1e-300
+            a = best_a * np.array([0.5, 0.71, 1.0, 1.41, 2.0])
+            quad = (mass * (a - shift) ** 2 + 2 * np.abs(a - shift) * spread + near.weight_max * energy) / (4 * a)
+            quadratic = tp * (max(shift, 0.0) * mass + spread) + (1.0 + tp) * float(quad.min())
+            out.append(min(lipschitz, quadratic) * (1.0 + 1e-12) + 1e-300)  # a dozen float64 roundings, rounded up
+        return out[0], out[1]
 
     def _tail_sums(self, u32: np.ndarray, weight: np.ndarray, g: float, y0: float) -> tuple[float, float]:
         """sum_j weight_j max(tau' hi_j, -lo_j) and sum_j weight_j max(-tau' lo_j, hi_j) over the vocabulary,
@@ -322,6 +439,18 @@ class Step:
         hi, lo = c + err, c - err
         return float(weight @ _rho_upper(lo, hi, self.tprime)), float(weight @ _rho_upper(-hi, -lo, self.tprime))
 
+    def _outside_energy(self, Y: np.ndarray, exact: np.ndarray, u_exact: np.ndarray) -> np.ndarray:
+        """Upper bounds of sum_{j not in exact} u_j^2 (u = W y_w), per certificate: y_w' G y_w less the exact
+        tokens' part, plus the float64 rounding of y'Gy, of G itself and of the exact products' squares
+        (Basis._derive)."""
+        d = self.basis.hidden_size
+        yw = Y[:d]
+        total_energy = np.einsum("km,km->m", yw, self.basis.gram[:d, :d] @ yw)
+        terms = self.basis.gram_terms + 2 * d + len(exact) + 8
+        scale = 1e-9 * self.basis.abs_gram_bound + 4 * terms * U64 * self.basis.gram_trace
+        slack = scale * np.einsum("km,km->m", yw, yw) + 1e-300
+        return np.maximum(total_energy - (u_exact * u_exact).sum(axis=0), 0.0) + slack
+
     def _tail_bound(self, Y: np.ndarray, exact: np.ndarray, u_exact: np.ndarray) -> tuple[float, np.ndarray]:
         """(mass, spread): sum_{j not in exact} p_j rho(sign * c_j) <= rho(sign * y0) * mass + spread, per
         certificate, without touching the tail (the same for both signs).
@@ -329,15 +458,7 @@ class Step:
         rho is Lipschitz (constant L = max(tau', 1)), so rho(s_j u_j + y0) <= rho(y0) + L |s_j u_j|, and
         Cauchy-Schwarz gives sum p_j s_j |u_j| <= sqrt(sum (p_j s_j)^2) sqrt(sum u_j^2), where the tail's
         sum of u_j^2 is y_w' G y_w minus the exact tokens' part (G = W'W in float64)."""
-        d = self.basis.hidden_size
-        gram = self.basis.gram[:d, :d]
-        yw = Y[:d]
-        total_energy = np.einsum("km,km->m", yw, gram @ yw)
-        # float64 rounding of y'Gy, of G itself and of the exact products' squares (Basis._derive)
-        terms = self.basis.gram_terms + 2 * d + len(exact) + 8
-        scale = 1e-9 * self.basis.abs_gram_bound + 4 * terms * U64 * self.basis.gram_trace
-        slack = scale * np.einsum("km,km->m", yw, yw) + 1e-300
-        tail_energy = np.maximum(total_energy - (u_exact * u_exact).sum(axis=0), 0.0) + slack
+        tail_energy = self._outside_energy(Y, exact, u_exact)
         weights = self.p[exact] * self.scale_of(exact)
         tail_weight_sq = max(self.weight_sq_total - float(weights @ weights), 0.0) + 1e-12 * self.weight_sq_total
         tail_mass = max(self.p_total - float(self.p[exact].sum()), 0.0) + 1e-14

@@ -38,6 +38,7 @@ class BatConfig:
     tol: float = 1e-6  # relative infeasibility at or below which a decision counts as reject
     time_budget: float = 2.0  # seconds per decision for the LP stages; 0 = certificate search only (deterministic)
     head_size: int = 1024  # tokens whose products are computed exactly in float64
+    near_sizes: tuple[int, ...] = (16384, 32768)  # most probable tokens whose products a certificate check makes before the whole vocabulary, in stages (() turns it off)
     lsq_head: int = 128  # tokens weighted in the least-squares certificate search (256 found no more on SmolLM2)
     lsq_refine: int = 3  # reweighted least-squares iterations per candidate (0: plain least squares only)
     search_levels: tuple[int, ...] = (32, 128)  # singular directions of the search LPs (() turns them off)
@@ -82,6 +83,9 @@ class BatConfig:
             raise BatError(f"point_columns={self.point_columns} must be positive numbers of tokens, smallest first")
         if not 0 <= int(self.regression_iterations) <= 1000:
             raise BatError(f"regression_iterations={self.regression_iterations} must be an integer in [0, 1000] (0: off)")
+        self.near_sizes = tuple(int(k) for k in self.near_sizes)
+        if any(k < 1 for k in self.near_sizes):
+            raise BatError(f"near_sizes={self.near_sizes} must be positive numbers of tokens (() turns the stages off)")
         for name in ("full_checks", "head_size", "lsq_head", "regression_grow", "regression_columns", "search_columns", "search_rounds", "lp_columns", "lp_grow", "lp_max_rounds"):
             if int(getattr(self, name)) < 1:
                 raise BatError(f"{name} must be a positive integer")
@@ -132,6 +136,8 @@ class BatStats:
     by_threshold: int = 0
     by_certificate: int = 0  # accepts and rejects proven without the exact LP
     rejected_by_point: int = 0  # of those, rejects by a feasible point from the clipped least squares
+    near_products: int = 0  # certificate checks settled by the products of the near tokens (Step.near) alone
+    vocabulary_products: int = 0  # certificate checks that made a product over the whole vocabulary
     by_lp: int = 0
     accepted: int = 0
     rejected: int = 0
@@ -174,7 +180,7 @@ class BatSolver:
             pass
         elif not (isinstance(tau, (float, int, np.floating)) and 0.0 < float(tau) < 1.0):
             raise BatError(f"tau={tau!r} must lie strictly between 0 and 1")
-        step = Step.build(self.basis, logits, tau, head_size=self.config.head_size)
+        step = Step.build(self.basis, logits, tau, head_size=self.config.head_size, near_sizes=self.config.near_sizes)
         self._step_id += 1
         self._rejects = []
         self._lsq, self._working = None, {}  # the previous step's factorizations (and the distribution they hold) can go
@@ -195,6 +201,7 @@ class BatSolver:
 
         `deadline` (a time.perf_counter() value) caps the LP work below the per-decision budget."""
         start = time.perf_counter()
+        products = (step.near_products, step.vocabulary_products)
         self._deadline = start + self.config.time_budget if deadline is None else min(deadline, start + self.config.time_budget)
         tokens = self._check_candidates(candidates)
         decisions: dict[int, Decision] = {}
@@ -214,6 +221,8 @@ class BatSolver:
         if pending:
             decisions.update(self._decide_below_tau(step, np.array(pending)))
         out = [decisions[int(t)] for t in tokens]
+        self.stats.near_products += step.near_products - products[0]
+        self.stats.vocabulary_products += step.vocabulary_products - products[1]
         self._count(out, time.perf_counter() - start)
         return out
 
@@ -346,7 +355,7 @@ class BatSolver:
                 y = Yt[:, col]
                 value = float(step.candidate_values(y[:, None], cand, u=ut[:, [col]])[0][0, 0])  # cheap tail bound
                 if not value > tol:
-                    value = step.full_value(y, token, ut[:, col])
+                    value = step.full_value(y, token, ut[:, col], enough=tol)
                 if value > tol:
                     found[token] = (AcceptCertificate(token, y.copy(), value), int(col) % Y.shape[1])
                     self._remember(found[token][0].y)

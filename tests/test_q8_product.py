@@ -132,3 +132,38 @@ def test_compiled_value_pass_equals_numpys(monkeypatch, softcap):
         values[compiled] = [step.full_value(y, t) for y, t in certificates]
     assert np.allclose(values[True], values[False], rtol=1e-12, atol=1e-12)
     assert max(values[True]) > 0 > min(values[True]), values[True]
+
+
+@pytest.mark.skipif(not KERNEL_EXPECTED, reason="needs a C compiler and an AVX2 CPU")
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_near_stages_are_sound_and_compiled_equals_numpy(monkeypatch, softcap):
+    """Step.full_value's near stages (the products of the most probable tokens only, and a bound of the rest
+    without products): never above the value computed densely in float64 by independent code, and the same
+    with the compiled row pass and without it. (On random W these certificates fail; the real-model test
+    checks near stages that settle real certificates.)"""
+    from bat_core.certify import Step
+    from bat_core.search import WeightedLeastSquares
+    from independent import accept_value, augmented
+
+    W = q8_0_matrix(6000, 64)
+    basis = bat_core.Basis(W, softcap=softcap)
+    assert basis.rows_product_native
+    steps = []
+    for n in range(4):
+        z = W @ rng.normal(size=64) * (12 + 6 * n)
+        z = np.tanh(z / softcap) * softcap if softcap else z
+        steps.append((z, Step.build(basis, z, 0.02, head_size=32, near_sizes=(256, 1024))))
+    for z, step in steps:
+        assert [len(s.rows) for s in step.near] == [256 - 32, 1024 - 256]  # each stage adds its tokens past the last
+        tokens = np.argsort(-step.p)[[40, 100, 300, 900, 2500]]
+        found = WeightedLeastSquares(step, head_size=32).directions(tokens)
+        A = augmented(W, step.scale)
+        for n, token in enumerate(tokens):
+            for y in (found[:, n], np.random.default_rng(n).normal(size=65) * 0.1):
+                truth = accept_value(A, step.p, step.tau, int(token), y)
+                first = step.full_value(y, int(token), enough=-np.inf)  # returns after the first stage
+                everything = step.full_value(y, int(token), enough=np.inf)  # every stage, then the whole vocabulary
+                assert first <= truth + 1e-12 * abs(truth) and everything <= truth + 1e-12 * abs(truth)
+                monkeypatch.setattr(basis, "rows_value_sums", lambda *args: None)
+                assert np.isclose(step.full_value(y, int(token), enough=-np.inf), first, rtol=1e-9, atol=1e-15)
+                monkeypatch.undo()

@@ -41,7 +41,7 @@ def agree_with_reference(seed: int, cases: int, config: bat_core.BatConfig | Non
     compare with the dense reference; returns counts (checked, in the tolerance band, by stage)."""
     rng = np.random.default_rng(seed)
     kinds = ["plain", "duplicates", "zero_rows", "wide", "low_rank"]
-    counts = dict(checked=0, gray=0, by_point=0, by_regression=0, lp_rejects=0, lp_accepts=0)
+    counts = dict(checked=0, gray=0, by_point=0, by_regression=0, lp_rejects=0, lp_accepts=0, by_near=0)
     for case in range(cases):
         kind = kinds[case % len(kinds)]
         W, logits = random_case(rng, kind)
@@ -66,6 +66,7 @@ def agree_with_reference(seed: int, cases: int, config: bat_core.BatConfig | Non
         counts["checked"] += 1
         counts["by_point"] += solver.stats.rejected_by_point
         counts["by_regression"] += solver.stats.accepts_by_source.get("regression", 0)
+        counts["by_near"] += solver.stats.near_products
         counts["lp_rejects" if not decision.accepted else "lp_accepts"] += decision.method == "lp"
         if decision.accepted:
             check_accept(A, p, tau, token, decision.certificate.y, TOL)
@@ -96,6 +97,16 @@ def test_exact_lp_alone_agrees_with_reference():
     counts = agree_with_reference(2000, 300, config)
     assert counts["by_point"] == counts["by_regression"] == 0
     assert counts["lp_rejects"] > 0 and counts["lp_accepts"] > 0, counts
+
+
+def test_near_stages_agree_with_reference():
+    """A head of 4 tokens and near stages of 8 and 12 (the defaults reach these stages on real vocabularies
+    only): certificate checks settled by the near tokens' products and the bound of the rest agree with the
+    reference and pass the independent checks."""
+    config = bat_core.BatConfig(head_size=4, near_sizes=(8, 12))
+    counts = agree_with_reference(3000, 1000, config)
+    assert counts["by_near"] > 0, counts
+    print(counts)
 
 
 def test_certificate_search_alone_is_sound_and_reweighting_only_adds():

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import bat_core
-from independent import augmented, check_accept, check_reject, softmax64
+from independent import accept_value, augmented, check_accept, check_reject, softmax64
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="real-model tests need llama-cpp-python (scripts/setup.sh)")
 from bat_llamacpp.gguf_weights import read_output_layer  # noqa: E402
@@ -177,3 +177,28 @@ def test_every_product_over_the_vocabulary_gives_the_same_decisions(basis, logit
                 p = softmax64(logits[row], basis.vocab_size)
                 check_accept(dense_A, p, tau, token, decision.certificate.y, 1e-6)
     assert sum(d.method == "certificate" for d in decisions[None]) >= 8
+
+
+def test_near_stages_settle_real_certificates_soundly(basis, logits, dense_A, monkeypatch):
+    """Most certificate checks on SmolLM2 end at the near stage (the products of the 16,384 most probable
+    tokens, a bound of the rest): its value is never above the dense float64 value of independent code,
+    and the compiled row pass and the numpy one agree."""
+    eta = bat_core.ThresholdRule("eta", 0.0009)
+    checked = settled = 0
+    for row, tau, token in draw_candidates(logits, eta.tau, 24, seed=9):
+        solver = bat_core.BatSolver(basis, bat_core.BatConfig(time_budget=0.0))
+        step = solver.new_step(logits[row], tau)
+        decision = solver.decide(step, [token])[0]
+        if not (decision.accepted and decision.method == "certificate"):
+            continue
+        assert len(step.near) == 1 and len(step.near[0].rows) == 16384 - 1024  # v = 49,152: one stage
+        y = decision.certificate.y
+        truth = accept_value(dense_A, step.p, step.tau, token, y)
+        near = step.full_value(y, token, enough=-np.inf)
+        assert near <= truth + 1e-9 * abs(truth)
+        with monkeypatch.context() as patch:
+            patch.setattr(basis, "rows_value_sums", lambda *args: None)
+            assert np.isclose(step.full_value(y, token, enough=-np.inf), near, rtol=1e-9, atol=0)
+        checked += 1
+        settled += near > solver.config.tol * float(step.tolerance_scale(np.array([token]))[0])
+    assert checked >= 8 and settled >= checked // 2, (checked, settled)
