@@ -335,11 +335,13 @@ class Step:
         its [v, m] intermediates. `u_exact`: W y_w on exact_set(token), if already computed; `u32`:
         Basis.matvec(y_w), if already made (any float32 product of W and y_w meets the rounding bound).
 
-        `enough` (the value that settles the caller's question): first bound the tail from the products of
-        the near tokens only (`near`) and a bound of the rest that needs no product (`_rest_bounds`), and
-        make the product over the whole vocabulary only where that is not above `enough`. With the compiled
-        int8 product the near pass reads only the near rows; without it, it is taken from the whole product,
-        so that both give the same decisions. The larger of the two bounds is returned."""
+        `enough` (the value that settles the caller's question): bound the tail the cheapest way first and
+        stop as soon as the value is above `enough`: the Lipschitz and Cauchy-Schwarz bound of the whole tail
+        (no product, as in `candidate_values`), then the near stages (`near`: the products of the near tokens
+        only, and a bound of the rest that needs no product, `_rest_bounds`), then the product over the whole
+        vocabulary. With the compiled int8 product the near stages read only the near rows; without it they
+        take them from the whole product, so that both give the same decisions. The largest bound found is
+        returned."""
         d = self.basis.hidden_size
         exact = self.exact_set(token)
         c_exact, err_exact, u_exact = self.exact_products(exact, y[:, None], None if u_exact is None else u_exact[:, None])
@@ -360,7 +362,13 @@ class Step:
             return best / (p[i] * float(np.abs(y).max()))
 
         near_value = -np.inf
-        sums, counted, outside = np.zeros(3), 0, None
+        if enough is not None and u32 is None:
+            outside = float(self._outside_energy(y[:, None], exact, u_exact)[0])
+            tail_mass, spread = self._lipschitz_tail(exact, np.array([outside]))
+            near_value = value(tuple(float(rho(np.array(sign * y0), tp)) * tail_mass + float(spread[0]) for sign in (1, -1)))
+            if near_value > enough:
+                return near_value
+        sums, counted = np.zeros(3), 0
         for stage in self.near if enough is not None and u32 is None else ():
             rows = stage.rows
             at = int(np.searchsorted(rows, i))
@@ -373,8 +381,6 @@ class Step:
                 added = self._near_sums(u32, rows, g_up, y0)
             sums += added
             counted += len(rows) + 4
-            if outside is None:
-                outside = float(self._outside_energy(y[:, None], exact, u_exact)[0])
             # the rest's energy: what lies outside the exact tokens, less a lower bound of the near rows' own
             energy = max(outside - sums[2] * (1.0 - 4 * counted * U64), 0.0)
             rest = self._rest_bounds(stage, y0, energy)
@@ -458,7 +464,10 @@ class Step:
         rho is Lipschitz (constant L = max(tau', 1)), so rho(s_j u_j + y0) <= rho(y0) + L |s_j u_j|, and
         Cauchy-Schwarz gives sum p_j s_j |u_j| <= sqrt(sum (p_j s_j)^2) sqrt(sum u_j^2), where the tail's
         sum of u_j^2 is y_w' G y_w minus the exact tokens' part (G = W'W in float64)."""
-        tail_energy = self._outside_energy(Y, exact, u_exact)
+        return self._lipschitz_tail(exact, self._outside_energy(Y, exact, u_exact))
+
+    def _lipschitz_tail(self, exact: np.ndarray, tail_energy: np.ndarray) -> tuple[float, np.ndarray]:
+        """_tail_bound's (mass, spread) from the tail's energy bound."""
         weights = self.p[exact] * self.scale_of(exact)
         tail_weight_sq = max(self.weight_sq_total - float(weights @ weights), 0.0) + 1e-12 * self.weight_sq_total
         tail_mass = max(self.p_total - float(self.p[exact].sum()), 0.0) + 1e-14

@@ -336,9 +336,9 @@ class BatSolver:
 
     def _certify(self, step: Step, pending: np.ndarray, Y: np.ndarray) -> dict[int, tuple[AcceptCertificate, int]]:
         """Prove what the certificate candidates Y can prove for `pending`, token by token: Y and its
-        columns with re-chosen constant components (Step.with_best_offsets), a cheap bound first
-        (exact head, bounded tail), then one float32 product over the vocabulary for the most
-        promising columns only."""
+        columns with re-chosen constant components (Step.with_best_offsets), ranked by their value on the
+        head; the most promising columns only are proven by Step.full_value (a cheap bound of the tail
+        first, then the near tokens' products, then one float32 product over the vocabulary)."""
         found = {}
         for token in pending:
             token = int(token)
@@ -353,9 +353,7 @@ class BatSolver:
                 if not ranking[col] > tol:
                     break  # the tail only lowers the value: no product can prove this column
                 y = Yt[:, col]
-                value = float(step.candidate_values(y[:, None], cand, u=ut[:, [col]])[0][0, 0])  # cheap tail bound
-                if not value > tol:
-                    value = step.full_value(y, token, ut[:, col], enough=tol)
+                value = step.full_value(y, token, ut[:, col], enough=tol)  # cheap tail bound, near stages, vocabulary
                 if value > tol:
                     found[token] = (AcceptCertificate(token, y.copy(), value), int(col) % Y.shape[1])
                     self._remember(found[token][0].y)
