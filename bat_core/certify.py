@@ -114,19 +114,36 @@ class Step:
         """The `head_size` most probable tokens, most probable first (built on first use: most steps
         end at the threshold shortcut and never need it)."""
         p, k = self.p, min(self.head_size, len(self.p))
-        head = np.argpartition(-p, k - 1)[:k] if k < len(p) else np.arange(len(p))
+        top = self._near_top
+        if top is not None and k < len(top):  # one pass over the vocabulary serves the head and the near stages
+            head = top[np.argpartition(-p[top], k - 1)[:k]]
+        else:
+            head = np.argpartition(-p, k - 1)[:k] if k < len(p) else np.arange(len(p))
         return head[np.argsort(-p[head], kind="stable")]
+
+    @functools.cached_property
+    def _near_sizes_used(self) -> list[int]:
+        """The near stages' sizes that stay under half of the vocabulary (past that, the product over all of it
+        costs little more), smallest first."""
+        head = min(self.head_size, len(self.p))
+        return sorted({int(k) for k in self.near_sizes if k > head and head + k <= len(self.p) // 2})
+
+    @functools.cached_property
+    def _near_top(self) -> np.ndarray | None:
+        """The most probable tokens of the largest near stage (unordered), or None without stages."""
+        sizes = self._near_sizes_used
+        return np.argpartition(-self.p, sizes[-1] - 1)[: sizes[-1]] if sizes else None
 
     @functools.cached_property
     def near(self) -> list["NearTokens"]:
         """Stages of a certificate check before the whole vocabulary: the most probable tokens past the head,
-        `near_sizes` of them in turn (those that stay under half of the vocabulary, past which the product over
-        all of it costs little more). Each stage holds the tokens it adds and what bounds the rest after it."""
+        `near_sizes` of them in turn (`_near_sizes_used`). Each stage holds the tokens it adds and what bounds
+        the rest after it."""
         p = self.p
-        sizes = sorted({int(k) for k in self.near_sizes if k >= 1 and len(self.head) + k <= len(p) // 2})
+        sizes = self._near_sizes_used
         if not sizes:
             return []
-        largest = np.argpartition(-p, sizes[-1] - 1)[: sizes[-1]]
+        largest = self._near_top
         kept = np.zeros(len(p), dtype=bool)
         kept[self.head] = True
         stages = []
