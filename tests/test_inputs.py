@@ -148,3 +148,12 @@ def test_product_on_a_torch_device_keeps_the_rounding_bound():
         assert np.all(np.abs(basis.matvec(y) - exact) <= bound)
     basis.set_matvec_device(None)
     assert basis.matvec_device == "numpy"
+
+
+@pytest.mark.parametrize("knob, value, message", [
+    ("near_sizes", (16384, 0), "near_sizes"), ("point_columns", (), "point_columns"), ("tol", 1.0, "tol"),
+    ("time_budget", -1.0, "time_budget"),
+])
+def test_bad_config_knobs_say_which(knob, value, message):
+    with pytest.raises(BatError, match=message):
+        bat_core.BatConfig(**{knob: value})
