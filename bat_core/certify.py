@@ -24,6 +24,7 @@ Both y and -y are tried (the sign of a dual ray is a convention of the solver th
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -352,13 +353,30 @@ class Step:
         its [v, m] intermediates. `u_exact`: W y_w on exact_set(token), if already computed; `u32`:
         Basis.matvec(y_w), if already made (any float32 product of W and y_w meets the rounding bound).
 
-        `enough` (the value that settles the caller's question): bound the tail the cheapest way first and
-        stop as soon as the value is above `enough`: the Lipschitz and Cauchy-Schwarz bound of the whole tail
-        (no product, as in `candidate_values`), then the near stages (`near`: the products of the near tokens
-        only, and a bound of the rest that needs no product, `_rest_bounds`), then the product over the whole
-        vocabulary. With the compiled int8 product the near stages read only the near rows; without it they
-        take them from the whole product, so that both give the same decisions. The largest bound found is
-        returned."""
+        `enough` (the value that settles the caller's question): go through `value_bounds` cheapest first
+        and stop as soon as one is above it, so that the product over the whole vocabulary is made only
+        where the cheaper bounds do not settle the question. The largest bound found is returned."""
+        best = -np.inf
+        for stage, value in self.value_bounds(y, token, u_exact, u32, staged=enough is not None):
+            best = max(best, value)
+            if stage == "vocabulary":
+                self.vocabulary_products += 1
+            elif best > enough:
+                self.near_products += stage == "near"
+                return best
+        return best
+
+    def value_bounds(
+        self, y: np.ndarray, token: int, u_exact: np.ndarray | None = None, u32: np.ndarray | None = None,
+        staged: bool = True,
+    ) -> Iterator[tuple[str, float]]:
+        """Rigorous lower bounds of max(value(y, token), value(-y, token)), cheapest first, each computed when
+        asked for: ("tail", .) the Lipschitz and Cauchy-Schwarz bound of the whole tail (no product, as in
+        `candidate_values`); ("near", .) once per near stage (`near`: the products of the near tokens only,
+        and a bound of the rest that needs no product, `_rest_bounds`); ("vocabulary", .) one float32 product
+        over the whole vocabulary. Only the last where `staged` is False or `u32` is given. With the
+        compiled int8 product the near stages read only the near rows; without it they take them from the
+        whole product, so that both give the same decisions."""
         d = self.basis.hidden_size
         exact = self.exact_set(token)
         c_exact, err_exact, u_exact = self.exact_products(exact, y[:, None], None if u_exact is None else u_exact[:, None])
@@ -378,39 +396,32 @@ class Step:
                 best = max(best, p[i] * sign_lo - others)
             return best / (p[i] * float(np.abs(y).max()))
 
-        near_value = -np.inf
-        if enough is not None and u32 is None:
+        if staged and u32 is None:
             outside = float(self._outside_energy(y[:, None], exact, u_exact)[0])
             tail_mass, spread = self._lipschitz_tail(exact, np.array([outside]))
-            near_value = value(tuple(float(rho(np.array(sign * y0), tp)) * tail_mass + float(spread[0]) for sign in (1, -1)))
-            if near_value > enough:
-                return near_value
-        sums, counted = np.zeros(3), 0
-        for stage in self.near if enough is not None and u32 is None else ():
-            rows = stage.rows
-            at = int(np.searchsorted(rows, i))
-            if at < len(rows) and rows[at] == i:
-                rows = np.delete(rows, at)  # the candidate's product is exact
-            g_up = g * (1.0 + 8 * U64)  # so that the float64 |u_j| - g ||w_j|| of the energy's lower bound rounds down
-            added = self.basis.rows_value_sums(rows, y[:d], p, self.scale, y0, g_up, tp)
-            if added is None:  # no compiled product: the same sums from the product over the vocabulary
-                u32 = self.basis.matvec(y[:d]) if u32 is None else u32
-                added = self._near_sums(u32, rows, g_up, y0)
-            sums += added
-            counted += len(rows) + 4
-            # the rest's energy: what lies outside the exact tokens, less a lower bound of the near rows' own
-            energy = max(outside - sums[2] * (1.0 - 4 * counted * U64), 0.0)
-            rest = self._rest_bounds(stage, y0, energy)
-            near_value = max(near_value, value((sums[0] + rest[0], sums[1] + rest[1])))
-            if near_value > enough:
-                self.near_products += 1
-                return near_value
+            yield "tail", value(tuple(float(rho(np.array(sign * y0), tp)) * tail_mass + float(spread[0]) for sign in (1, -1)))
+            sums, counted = np.zeros(3), 0
+            for stage in self.near:
+                rows = stage.rows
+                at = int(np.searchsorted(rows, i))
+                if at < len(rows) and rows[at] == i:
+                    rows = np.delete(rows, at)  # the candidate's product is exact
+                g_up = g * (1.0 + 8 * U64)  # so that the float64 |u_j| - g ||w_j|| of the energy's lower bound rounds down
+                added = self.basis.rows_value_sums(rows, y[:d], p, self.scale, y0, g_up, tp)
+                if added is None:  # no compiled product: the same sums from the product over the vocabulary
+                    u32 = self.basis.matvec(y[:d]) if u32 is None else u32
+                    added = self._near_sums(u32, rows, g_up, y0)
+                sums += added
+                counted += len(rows) + 4
+                # the rest's energy: what lies outside the exact tokens, less a lower bound of the near rows' own
+                energy = max(outside - sums[2] * (1.0 - 4 * counted * U64), 0.0)
+                rest = self._rest_bounds(stage, y0, energy)
+                yield "near", value((sums[0] + rest[0], sums[1] + rest[1]))
         if u32 is None:
             u32 = self.basis.matvec(y[:d])
-        self.vocabulary_products += 1
         weight = p.copy()
         weight[exact] = 0.0
-        return max(value(self._tail_sums(u32, weight, g, y0)), near_value)
+        yield "vocabulary", value(self._tail_sums(u32, weight, g, y0))
 
     def _near_sums(self, u32: np.ndarray, rows: np.ndarray, g: float, y0: float) -> np.ndarray:
         """Basis.rows_value_sums in numpy, from a product over the vocabulary (the same float64 operations)."""

@@ -161,9 +161,23 @@ def test_near_stages_are_sound_and_compiled_equals_numpy(monkeypatch, softcap):
         for n, token in enumerate(tokens):
             for y in (found[:, n], np.random.default_rng(n).normal(size=65) * 0.1):
                 truth = accept_value(A, step.p, step.tau, int(token), y)
-                first = step.full_value(y, int(token), enough=-np.inf)  # returns after the first stage
-                everything = step.full_value(y, int(token), enough=np.inf)  # every stage, then the whole vocabulary
-                assert first <= truth + 1e-12 * abs(truth) and everything <= truth + 1e-12 * abs(truth)
+                bounds = list(step.value_bounds(y, int(token)))  # the tail, each near stage, the vocabulary
+                assert [name for name, _ in bounds] == ["tail", "near", "near", "vocabulary"]
+                assert all(value <= truth + 1e-12 * abs(truth) for _, value in bounds), (bounds, truth)
                 monkeypatch.setattr(basis, "rows_value_sums", lambda *args: None)
-                assert np.isclose(step.full_value(y, int(token), enough=-np.inf), first, rtol=1e-9, atol=1e-15)
+                numpy_bounds = list(step.value_bounds(y, int(token)))
+                assert np.allclose([v for _, v in numpy_bounds], [v for _, v in bounds], rtol=1e-9, atol=1e-15)
                 monkeypatch.undo()
+
+
+def test_huge_page_arrays_behave_like_numpy_arrays():
+    """The int8 rows and the whitened rows live in memory advised for 2 MB pages: an ordinary writable,
+    contiguous array of the requested shape and type, 2 MB aligned when large enough."""
+    big = q8.huge_page_array((3000, 1000), np.float32)
+    assert big.shape == (3000, 1000) and big.dtype == np.float32 and big.flags["C_CONTIGUOUS"] and big.flags["WRITEABLE"]
+    big[...] = np.arange(1000, dtype=np.float32)
+    assert float(big[2999].sum()) == float(np.arange(1000).sum())
+    if hasattr(__import__("mmap"), "MADV_HUGEPAGE"):
+        assert big.ctypes.data % (2 << 20) == 0
+    small = q8.huge_page_array((7, 3), np.int8)
+    assert small.shape == (7, 3) and small.dtype == np.int8
