@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from .errors import BatError
-from .q8 import Q8Rows, huge_page_array
+from .q8 import Q8Rows
 from .threads import matvec_pool, matvec_threads
 
 _CHUNK_ROWS = 8192
@@ -323,7 +323,7 @@ class Basis:
         chol_inv = np.linalg.inv(chol)
         transform = np.ascontiguousarray(chol_inv.T[: self.hidden_size].astype(np.float32))
         ones_row = chol_inv.T[self.hidden_size].astype(np.float32)
-        white = huge_page_array((self.vocab_size, d1), np.float32)  # each decision gathers rows of it
+        white = np.empty((self.vocab_size, d1), dtype=np.float32)
         for start in range(0, self.vocab_size, _CHUNK_ROWS):
             block = self.W[start : start + _CHUNK_ROWS]
             np.matmul(block, transform, out=white[start : start + len(block)])

@@ -15,7 +15,6 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
-import mmap
 import os
 import platform
 import shutil
@@ -88,36 +87,14 @@ for v, d in ((37, 32), (200, 96), (513, 640)):
 """
 
 
-_HUGE_PAGE = 2 << 20
-
-
-def huge_page_array(shape: tuple[int, ...], dtype) -> np.ndarray:
-    """An uninitialized array in memory that Linux may back with 2 MB pages (madvise; a no-op where
-    transparent huge pages are off). The products that gather rows read them anywhere in W, and with
-    4 KB pages nearly every row costs a TLB miss: one-off timing on SmolLM2, cold cache, one thread,
-    the near stages' row pass 1.77 -> 1.58 ms and the product over the vocabulary 3.17 -> 2.70 ms."""
-    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    advice = getattr(mmap, "MADV_HUGEPAGE", None)
-    if advice is None or nbytes < _HUGE_PAGE:
-        return np.empty(shape, dtype=dtype)
-    region = mmap.mmap(-1, nbytes + _HUGE_PAGE)  # anonymous, private; freed with the last view of it
-    try:
-        region.madvise(advice)
-    except OSError:
-        pass
-    raw = np.frombuffer(region, dtype=np.uint8)
-    start = (-raw.ctypes.data) % _HUGE_PAGE  # 2 MB aligned, so that every page of the array can be a huge one
-    return raw[start : start + nbytes].view(dtype).reshape(shape)
-
-
 def q8_parts(W: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """(int8 values [v, d], float32 scales [v, d/32]) with W == scales * values exactly, or None when W
     is not made of Q8_0 blocks (any other quantization, a float checkpoint, a reduced basis)."""
     v, d = W.shape
     if d % BLOCK or W.dtype != np.float32:
         return None
-    values = huge_page_array((v, d), np.int8)
-    scales = huge_page_array((v, d // BLOCK), np.float32)
+    values = np.empty((v, d), dtype=np.int8)
+    scales = np.empty((v, d // BLOCK), dtype=np.float32)
     for start in range(0, v, _CHUNK_ROWS):
         block = W[start : start + _CHUNK_ROWS].reshape(-1, d // BLOCK, BLOCK)
         # Q8_0 stores scale = amax / 127 and rounds x / scale; the largest value has |q| = 127 exactly

@@ -169,15 +169,3 @@ def test_near_stages_are_sound_and_compiled_equals_numpy(monkeypatch, softcap):
                 assert np.allclose([v for _, v in numpy_bounds], [v for _, v in bounds], rtol=1e-9, atol=1e-15)
                 monkeypatch.undo()
 
-
-def test_huge_page_arrays_behave_like_numpy_arrays():
-    """The int8 rows and the whitened rows live in memory advised for 2 MB pages: an ordinary writable,
-    contiguous array of the requested shape and type, 2 MB aligned when large enough."""
-    big = q8.huge_page_array((3000, 1000), np.float32)
-    assert big.shape == (3000, 1000) and big.dtype == np.float32 and big.flags["C_CONTIGUOUS"] and big.flags["WRITEABLE"]
-    big[...] = np.arange(1000, dtype=np.float32)
-    assert float(big[2999].sum()) == float(np.arange(1000).sum())
-    if hasattr(__import__("mmap"), "MADV_HUGEPAGE"):
-        assert big.ctypes.data % (2 << 20) == 0
-    small = q8.huge_page_array((7, 3), np.int8)
-    assert small.shape == (7, 3) and small.dtype == np.int8
