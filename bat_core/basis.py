@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -19,6 +19,17 @@ from .threads import matvec_pool, matvec_threads
 
 _CHUNK_ROWS = 8192
 _DEVICE_BLOCK_ROWS = 16384  # rows per elementwise product on the device (a 16384 x d float32 temporary)
+
+
+def _in_parts(count: int, min_split: int, work: Callable[[int, int], Any]) -> list:
+    """[work(start, stop) for each part] over [0, count) split into one part per product thread
+    (`matvec_threads`), on the worker pool; one part in the calling thread below `min_split` items,
+    where threads only cost."""
+    parts = matvec_threads() if count >= min_split else 1
+    bounds = [int(b) for b in np.linspace(0, count, parts + 1)]
+    if parts == 1:
+        return [work(0, count)]
+    return list(matvec_pool().map(lambda k: work(bounds[k], bounds[k + 1]), range(parts)))
 
 
 def as_float32_matrix(matrix: Any, name: str) -> np.ndarray:
@@ -237,20 +248,14 @@ class Basis:
             return self._device_product(y)
         q8 = None if self._host_numpy else self._q8_rows()
         out = np.empty(self.vocab_size, dtype=np.float32)
-        parts = matvec_threads() if self.vocab_size >= 16384 else 1
-        bounds = np.linspace(0, self.vocab_size, parts + 1).astype(int)
 
-        def work(k: int) -> None:
-            start, stop = int(bounds[k]), int(bounds[k + 1])
+        def work(start: int, stop: int) -> None:
             if q8 is not None:
                 q8.product(y, out, start, stop)
             else:
                 np.matmul(self.W[start:stop], y, out=out[start:stop])
 
-        if parts == 1:
-            work(0)
-        else:
-            list(matvec_pool().map(work, range(parts)))
+        _in_parts(self.vocab_size, 16384, work)
         return out
 
     def rows_value_sums(self, tokens: np.ndarray, y: np.ndarray, weight: np.ndarray, scale: np.ndarray | None,
@@ -266,18 +271,12 @@ class Basis:
         y = np.ascontiguousarray(y, dtype=np.float32)
         weight = np.ascontiguousarray(weight, dtype=np.float64)
         scale = None if scale is None else np.ascontiguousarray(scale, dtype=np.float64)
-        parts = matvec_threads() if len(tokens) >= 4096 else 1
-        bounds = np.linspace(0, len(tokens), parts + 1).astype(int)
-        sums = np.zeros((parts, 3))
+        def work(start: int, stop: int) -> np.ndarray:
+            sums = np.zeros(3)
+            q8.rows_value_sums(tokens[start:stop], y, weight, self.row_norm, scale, y0, g, tprime, sums)
+            return sums
 
-        def work(k: int) -> None:
-            q8.rows_value_sums(tokens[bounds[k] : bounds[k + 1]], y, weight, self.row_norm, scale, y0, g, tprime, sums[k])
-
-        if parts == 1:
-            work(0)
-        else:
-            list(matvec_pool().map(work, range(parts)))
-        return sums.sum(axis=0)
+        return np.sum(_in_parts(len(tokens), 4096, work), axis=0)
 
     def _device_product(self, y: np.ndarray) -> np.ndarray:
         """W @ y on the device in plain float32 arithmetic, by blocks of rows."""

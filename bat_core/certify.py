@@ -56,6 +56,18 @@ def _rho_upper(lo: np.ndarray, hi: np.ndarray, tprime: float) -> np.ndarray:
     return np.maximum(tprime * hi, -lo)
 
 
+def _interval_sums(
+    u: np.ndarray, weight: np.ndarray, norm: np.ndarray, scale: np.ndarray | None, y0: float, g: float, tprime: float
+) -> tuple[float, float]:
+    """sum_j weight_j max(tau' hi_j, -lo_j) and sum_j weight_j max(-tau' lo_j, hi_j), the costs of +y and -y,
+    where [lo_j, hi_j] holds c_j = s_j u_j + y0 for float32 products u (float64 here) with error
+    <= g s_j ||w_j|| (`norm`): the numpy twin of bat_tail_sums in native/q8_matvec.c."""
+    c = u * scale + y0 if scale is not None else u + y0
+    err = g * (norm if scale is None else scale * norm) + 4 * U64 * np.abs(c)
+    hi, lo = c + err, c - err
+    return float(weight @ _rho_upper(lo, hi, tprime)), float(weight @ _rho_upper(-hi, -lo, tprime))
+
+
 @dataclass
 class NearTokens:
     """One stage of Step.near: the tokens whose products it adds, and for the rest of the vocabulary after it
@@ -285,21 +297,19 @@ class Step:
 
     # ------------------------------------------------------------------ values
     def candidate_values(
-        self, Y: np.ndarray, candidates: np.ndarray, exact_tokens: np.ndarray | None = None, u: np.ndarray | None = None
+        self, Y: np.ndarray, candidates: np.ndarray, exact_tokens: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Cheap check: lower bounds of max(value(y, i), value(-y, i)) for each y (column of Y) and
         candidate i, exact on the head (or `exact_tokens`) and the candidates, Cauchy-Schwarz on the rest.
 
         Returns (lower [m, n], optimistic [m, n]). `optimistic` drops the tail bound: where it is not
         above the tolerance, no full product can rescue that certificate."""
-        if u is not None and (exact_tokens is not None or len(candidates) != 1):
-            raise ValueError("products `u` are accepted for one candidate on exact_set(candidate) only")
         d = self.basis.hidden_size
         if exact_tokens is None and len(candidates) == 1:
             exact = self.exact_set(int(candidates[0]))
         else:
             exact = np.unique(np.concatenate([self.head if exact_tokens is None else exact_tokens, candidates]))
-        c, err, u = self.exact_products(exact, Y, u)
+        c, err, u = self.exact_products(exact, Y)
         pos = np.searchsorted(exact, candidates)
         p_exact = self.p[exact][:, None]
         p_cand = self.p[candidates][None, :]
@@ -426,14 +436,10 @@ class Step:
     def _near_sums(self, u32: np.ndarray, rows: np.ndarray, g: float, y0: float) -> np.ndarray:
         """Basis.rows_value_sums in numpy, from a product over the vocabulary (the same float64 operations)."""
         u = u32[rows].astype(np.float64)
-        s = None if self.scale is None else self.scale[rows]
-        c = u + y0 if s is None else s * u + y0
         norm = self.basis.row_norm[rows]
-        err = g * (norm if s is None else s * norm) + 4 * U64 * np.abs(c)
-        hi, lo = c + err, c - err
-        w = self.p[rows]
+        scale = None if self.scale is None else self.scale[rows]
         low = np.maximum(np.abs(u) - g * norm, 0.0)
-        return np.array([w @ _rho_upper(lo, hi, self.tprime), w @ _rho_upper(-hi, -lo, self.tprime), low @ low])
+        return np.array([*_interval_sums(u, self.p[rows], norm, scale, y0, g, self.tprime), low @ low])
 
     def _rest_bounds(self, near: "NearTokens", y0: float, energy: float) -> tuple[float, float]:
         """Upper bounds of sum_j p_j rho(+-c_j) over the tokens outside the head and the near tokens, from
@@ -460,18 +466,10 @@ class Step:
     def _tail_sums(self, u32: np.ndarray, weight: np.ndarray, g: float, y0: float) -> tuple[float, float]:
         """sum_j weight_j max(tau' hi_j, -lo_j) and sum_j weight_j max(-tau' lo_j, hi_j) over the vocabulary,
         where [lo_j, hi_j] holds c_j = s_j u_j + y0 given the float32 product u (error <= g s_j ||w_j||)."""
-        norm = self.basis.row_norm
-        compiled = q8.value_sums(u32, weight, norm, self.scale, y0, g, self.tprime)
+        compiled = q8.value_sums(u32, weight, self.basis.row_norm, self.scale, y0, g, self.tprime)
         if compiled is not None:
             return compiled
-        s = self.scale
-        c = u32.astype(np.float64)
-        if s is not None:
-            c *= s
-        c += y0
-        err = g * (norm if s is None else s * norm) + 4 * U64 * np.abs(c)
-        hi, lo = c + err, c - err
-        return float(weight @ _rho_upper(lo, hi, self.tprime)), float(weight @ _rho_upper(-hi, -lo, self.tprime))
+        return _interval_sums(u32.astype(np.float64), weight, self.basis.row_norm, self.scale, y0, g, self.tprime)
 
     def _outside_energy(self, Y: np.ndarray, exact: np.ndarray, u_exact: np.ndarray) -> np.ndarray:
         """Upper bounds of sum_{j not in exact} u_j^2 (u = W y_w), per certificate: y_w' G y_w less the exact

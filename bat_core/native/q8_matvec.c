@@ -54,17 +54,21 @@ static float row_product(const int8_t *qj, const float *sj, const float *y, int6
 #endif
 }
 
+/* ask for row j of the int8 values and its scales ahead of use */
+static void prefetch_row(const int8_t *q, const float *scale, int64_t j, int64_t hidden, int64_t blocks) {
+    const char *row = (const char *)(q + j * hidden);
+    for (int64_t offset = 0; offset < hidden; offset += 64)
+        _mm_prefetch(row + offset, _MM_HINT_T0);
+    _mm_prefetch((const char *)(scale + j * blocks), _MM_HINT_T0);
+}
+
 /* out[j] = (W y)[j] for rows j in [start, stop); hidden must be a multiple of 32. */
 void bat_q8_matvec(const int8_t *q, const float *scale, const float *y, float *out,
                    int64_t hidden, int64_t start, int64_t stop) {
     const int64_t blocks = hidden / BLOCK;
     for (int64_t j = start; j < stop; j++) {
-        if (j + PREFETCH_ROWS < stop) { /* the hardware prefetcher alone left this loop waiting on memory */
-            const char *ahead = (const char *)(q + (j + PREFETCH_ROWS) * hidden);
-            for (int64_t offset = 0; offset < hidden; offset += 64)
-                _mm_prefetch(ahead + offset, _MM_HINT_T0);
-            _mm_prefetch((const char *)(scale + (j + PREFETCH_ROWS) * blocks), _MM_HINT_T0);
-        }
+        if (j + PREFETCH_ROWS < stop) /* the hardware prefetcher alone left this loop waiting on memory */
+            prefetch_row(q, scale, j + PREFETCH_ROWS, hidden, blocks);
         out[j] = row_product(q + j * hidden, scale + j * blocks, y, blocks);
     }
 }
@@ -106,11 +110,8 @@ void bat_q8_rows_product(const int8_t *q, const float *scale, const int64_t *tok
     for (int64_t first = 0; first < count; first += TILE) {
         const int64_t n = count - first < TILE ? count - first : TILE;
         /* the rows of a distribution's head lie anywhere in W: ask for those a few tiles ahead (2x faster from memory) */
-        for (int64_t r = first + PREFETCH_ROWS; r < first + PREFETCH_ROWS + TILE && r < count; r++) {
-            for (int64_t offset = 0; offset < hidden; offset += 64)
-                _mm_prefetch((const char *)(q + tokens[r] * hidden) + offset, _MM_HINT_T0);
-            _mm_prefetch((const char *)(scale + tokens[r] * blocks), _MM_HINT_T0);
-        }
+        for (int64_t r = first + PREFETCH_ROWS; r < first + PREFETCH_ROWS + TILE && r < count; r++)
+            prefetch_row(q, scale, tokens[r], hidden, blocks);
         for (int64_t r = 0; r < n; r++) {
             const int8_t *qj = q + tokens[first + r] * hidden;
             const float *sj = scale + tokens[first + r] * blocks;
@@ -130,20 +131,23 @@ void bat_q8_rows_product(const int8_t *q, const float *scale, const int64_t *tok
  *   sums[0] = sum_j weight[j] max(tprime hi, -lo)   (the cost of +y),
  *   sums[1] = sum_j weight[j] max(-tprime lo, hi)   (the cost of -y).
  * The same float64 operations as numpy's; the caller rounds the sums up. */
+/* token j's terms of those sums, for its float32 product u */
+static void add_value_terms(double u, int64_t j, const double *weight, const double *norm, const double *scale,
+                            double y0, double g, double tprime, double *plus, double *minus) {
+    const double slack = 4.0 * 0x1p-53;
+    const double s = scale ? scale[j] : 1.0;
+    const double c = s * u + y0;
+    const double err = g * (s * norm[j]) + slack * (c < 0 ? -c : c);
+    const double hi = c + err, lo = c - err;
+    *plus += weight[j] * (tprime * hi > -lo ? tprime * hi : -lo);
+    *minus += weight[j] * (-tprime * lo > hi ? -tprime * lo : hi);
+}
+
 void bat_tail_sums(const float *u, const double *weight, const double *norm, const double *scale, int64_t n,
                    double y0, double g, double tprime, double *sums) {
-    const double slack = 4.0 * 0x1p-53;
     double plus = 0.0, minus = 0.0;
-    for (int64_t j = 0; j < n; j++) {
-        const double s = scale ? scale[j] : 1.0;
-        const double c = s * (double)u[j] + y0;
-        const double err = g * (s * norm[j]) + slack * (c < 0 ? -c : c);
-        const double hi = c + err, lo = c - err;
-        const double up_plus = tprime * hi > -lo ? tprime * hi : -lo;
-        const double up_minus = -tprime * lo > hi ? -tprime * lo : hi;
-        plus += weight[j] * up_plus;
-        minus += weight[j] * up_minus;
-    }
+    for (int64_t j = 0; j < n; j++)
+        add_value_terms((double)u[j], j, weight, norm, scale, y0, g, tprime, &plus, &minus);
     sums[0] = plus;
     sums[1] = minus;
 }
@@ -157,23 +161,13 @@ void bat_q8_rows_tail_sums(const int8_t *q, const float *qscale, const int64_t *
                            const float *y, int64_t hidden, const double *weight, const double *norm,
                            const double *scale, double y0, double g, double tprime, double *sums) {
     const int64_t blocks = hidden / BLOCK;
-    const double slack = 4.0 * 0x1p-53;
     double plus = 0.0, minus = 0.0, energy = 0.0;
     for (int64_t k = 0; k < count; k++) {
-        if (k + PREFETCH_ROWS < count) {
-            const int64_t ahead = tokens[k + PREFETCH_ROWS];
-            for (int64_t offset = 0; offset < hidden; offset += 64)
-                _mm_prefetch((const char *)(q + ahead * hidden) + offset, _MM_HINT_T0);
-            _mm_prefetch((const char *)(qscale + ahead * blocks), _MM_HINT_T0);
-        }
+        if (k + PREFETCH_ROWS < count)
+            prefetch_row(q, qscale, tokens[k + PREFETCH_ROWS], hidden, blocks);
         const int64_t j = tokens[k];
         const double u = (double)row_product(q + j * hidden, qscale + j * blocks, y, blocks);
-        const double s = scale ? scale[j] : 1.0;
-        const double c = s * u + y0;
-        const double err = g * (s * norm[j]) + slack * (c < 0 ? -c : c);
-        const double hi = c + err, lo = c - err;
-        plus += weight[j] * (tprime * hi > -lo ? tprime * hi : -lo);
-        minus += weight[j] * (-tprime * lo > hi ? -tprime * lo : hi);
+        add_value_terms(u, j, weight, norm, scale, y0, g, tprime, &plus, &minus);
         const double low = (u < 0 ? -u : u) - g * norm[j];
         if (low > 0)
             energy += low * low;
