@@ -38,7 +38,10 @@ class BatConfig:
     tol: float = 1e-6  # relative infeasibility at or below which a decision counts as reject
     time_budget: float = 2.0  # seconds per decision for the LP stages; 0 = certificate search only (deterministic)
     head_size: int = 1024  # tokens whose products are computed exactly in float64
-    near_sizes: tuple[int, ...] = (16384, 32768)  # most probable tokens whose products a certificate check makes before the whole vocabulary, in stages (() turns it off)
+    # most probable tokens whose products a certificate check makes before the whole vocabulary, in stages (opt-in:
+    # off by default, as gathering the rows of a third of the vocabulary from memory took as long as the
+    # product over all of it, and (16384,) made the median decision slower on SmolLM2 and Gemma 3; docs/core.md)
+    near_sizes: tuple[int, ...] = ()
     lsq_head: int = 128  # tokens weighted in the least-squares certificate search (256 found no more on SmolLM2)
     lsq_refine: int = 3  # reweighted least-squares iterations per candidate (0: plain least squares only)
     search_levels: tuple[int, ...] = (32, 128)  # singular directions of the search LPs (() turns them off)

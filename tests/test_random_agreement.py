@@ -138,3 +138,30 @@ def test_certificate_search_alone_is_sound_and_reweighting_only_adds():
         plain_accepts += results[0].accepted
         refined_accepts += results[3].accepted
     assert from_reweighted > 0 and refined_accepts > plain_accepts
+
+
+def test_top_token_selection_matches_a_full_partition():
+    """The head's selection (a partition over the tokens above a sample threshold) gives the same set as a
+    partition of the whole distribution, and the near stages' threshold sets keep no token less probable
+    than one left out: on peaked, flat and tied (quantized) distributions of many sizes."""
+    from bat_core.certify import about_most_probable, most_probable
+
+    rng = np.random.default_rng(11)
+    for case in range(120):
+        v = int(rng.choice([5, 300, 4096, 5000, 49152, 262144]))
+        z = rng.standard_normal(v) * float(rng.choice([0.5, 3.0, 12.0]))
+        if case % 3 == 0:
+            z = np.round(z * 4) / 4  # many exact ties, as in quantized models
+        p = softmax64(z, v)
+        for k in {min(k, v) for k in (1, 7, 1024, max(1, v // 3), v - 1, v)}:
+            top = most_probable(p, k)
+            assert len(top) == len(np.unique(top)) == k
+            out = np.ones(v, dtype=bool)
+            out[top] = False
+            assert not out.any() or p[out].max() <= p[top].min()  # a top-k set (ties either way)
+            if 0 < k <= v // 2:
+                near = about_most_probable(p, k)
+                assert np.all(np.diff(near) > 0) and k // 2 <= len(near) <= 2 * k
+                out = np.ones(v, dtype=bool)
+                out[near] = False
+                assert p[out].max() <= p[near].min()
