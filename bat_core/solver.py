@@ -42,10 +42,10 @@ class BatConfig:
     # off by default, as gathering the rows of a third of the vocabulary from memory took as long as the
     # product over all of it, and (16384,) made the median decision slower on SmolLM2 and Gemma 3; docs/core.md)
     near_sizes: tuple[int, ...] = ()
-    # tokens weighted in the least-squares certificate search. Paired A/Bs on the benchmark's SmolLM2 candidates,
-    # certificate search only, caches flushed: 64 instead of 128 took 0.91x the time at eta 0.0009 (same 123
-    # accepts) and 0.86x at tau 0.1 (128 of 130 accepts); 32 lost 7 at tau; 256 found no more than 128
-    lsq_head: int = 64
+    # tokens weighted in the least-squares certificate search: 256 found no more than 128 on SmolLM2; 64 took
+    # 0.86-0.91x the time of the certificate search (paired A/Bs) but lost 2 of 130 accepts at tau 0.1 and
+    # 9 of 378 in vLLM's benchmark at eta 0.0009, for about 0.5% of its throughput
+    lsq_head: int = 128
     lsq_refine: int = 3  # reweighted least-squares iterations per candidate (0: plain least squares only)
     search_levels: tuple[int, ...] = (32, 128)  # singular directions of the search LPs (() turns them off)
     search_columns: int = 256  # initial tokens in a search LP (1024: same accepts, slower, on 40 hard SmolLM2 candidates)
