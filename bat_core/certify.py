@@ -52,7 +52,7 @@ def rho(t: np.ndarray, tprime: float) -> np.ndarray:
 
 def _sample_threshold(p: np.ndarray, count: int) -> float:
     """A value that about `count` entries of p reach, read off a strided sample of 4096 of them: one
-    partition of the sample instead of one of p (0.6 ms on v = 49,152)."""
+    partition of the sample instead of one of p (which took 0.6 ms on v = 49,152)."""
     sample = p[:: max(1, len(p) // 4096)]
     above = min(len(sample), max(1, int(np.ceil(count * len(sample) / len(p)))))
     return float(np.partition(sample, len(sample) - above)[len(sample) - above])

@@ -40,7 +40,7 @@ class BatConfig:
     head_size: int = 1024  # tokens whose products are computed exactly in float64
     # most probable tokens whose products a certificate check makes before the whole vocabulary, in stages (opt-in:
     # off by default, as gathering the rows of a third of the vocabulary from memory took as long as the
-    # product over all of it, and (16384,) made the median decision slower on SmolLM2 and Gemma 3; docs/core.md)
+    # product over all of it, and (16384, 32768) made the median decision slower on SmolLM2 and Gemma 3; docs/core.md)
     near_sizes: tuple[int, ...] = ()
     # tokens weighted in the least-squares certificate search: 256 found no more than 128 on SmolLM2; 64 took
     # 0.86-0.91x the time of the certificate search (paired A/Bs) but lost 2 of 130 accepts at tau 0.1 and
