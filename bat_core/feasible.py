@@ -75,7 +75,9 @@ def feasible_point(
     p_i = float(step.p[token])
     a_i = step.augmented_rows(np.array([token]))[0]
     tokens, A, w, gram = working.without(token)
-    lower, upper = -w, step.tprime * w
+    # q_j = tau' p_j exactly would sit up to a few float64 roundings of tau' = tau / (1 - tau) and of the
+    # product past the true bound: the upper bound is taken 8 units of roundoff lower, so the box holds exactly
+    lower, upper = -w, step.tprime * w * (1.0 - 8 * U64)
     q = np.zeros(len(w))
     free = np.ones(len(w), dtype=bool)
     rhs = p_i * a_i
