@@ -1,4 +1,6 @@
 """The fast path agrees with the dense reference LP on thousands of random small problems."""
+from fractions import Fraction
+
 import numpy as np
 import pytest
 
@@ -53,7 +55,8 @@ def agree_with_reference(seed: int, cases: int, config: bat_core.BatConfig | Non
         token = int(rng.choice(below))
         basis = bat_core.Basis(W)
         solver = bat_core.BatSolver(basis, config)
-        decision = solver.decide(solver.new_step(logits, tau), [token])[0]
+        step = solver.new_step(logits, tau)
+        decision = solver.decide(step, [token])[0]
         if decision.method == "argmax":
             assert decision.accepted
             continue
@@ -73,6 +76,10 @@ def agree_with_reference(seed: int, cases: int, config: bat_core.BatConfig | Non
         elif decision.method != "fallback":
             cert = decision.certificate
             check_reject(A, p, tau, token, cert.support, cert.q, TOL)
+            if decision.method == "certificate":  # the feasible-point search's points hold the box exactly
+                box = Fraction(step.tau) / (1 - Fraction(step.tau))
+                assert all(-Fraction(step.p[j]) <= Fraction(q) <= box * Fraction(step.p[j])
+                           for j, q in zip(cert.support, cert.q) if j != token), (kind, case)
         if decision.accepted != ref.accepted:
             # only inside the solver's tolerance band may the two differ
             assert TOL / 100 <= ref.relative_infeasibility <= TOL * 100, (kind, case, ref, decision)
