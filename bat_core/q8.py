@@ -141,7 +141,21 @@ def _build(compiler: str, target: Path) -> str | None:
         if test.returncode != 0:
             return f"its self-test failed (exit status {test.returncode}): {test.stderr.strip()[-300:]}"
         os.replace(built, target)  # atomic: another process never loads a half-written library
+    _prune(target.parent, keep=target)
     return None
+
+
+def _prune(folder: Path, keep: Path, limit: int = 8) -> None:
+    """Remove all but the `limit` most recently built libraries (each change of the source, flags, compiler
+    or CPU builds a new one). A library a running process has loaded stays mapped; a process that starts
+    later on an older version builds it again (about a second)."""
+    try:
+        built = sorted(folder.glob("q8_matvec-*.so"), key=lambda path: path.stat().st_mtime, reverse=True)
+    except OSError:  # another process pruned at the same time
+        return
+    for old in built[limit:]:
+        if old != keep:
+            old.unlink(missing_ok=True)
 
 
 def kernel():

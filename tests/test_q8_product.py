@@ -93,6 +93,27 @@ def test_bat_native_0_turns_the_kernel_off(monkeypatch):
 
 
 @pytest.mark.skipif(not KERNEL_EXPECTED, reason="needs a C compiler and an AVX2 CPU")
+def test_a_build_keeps_the_cache_to_the_most_recent_libraries(tmp_path):
+    """Each change of the source (or compiler, or CPU) builds a new library into the user cache: a build
+    removes all but the 8 most recent, never the one it made, and the new one loads and runs."""
+    import ctypes
+    import os
+
+    folder = tmp_path / "native"
+    folder.mkdir()
+    for n in range(12):  # libraries of earlier versions, oldest first
+        old = folder / f"q8_matvec-{n:016x}.so"
+        old.write_bytes(b"old")
+        os.utime(old, (1_000_000 + n, 1_000_000 + n))
+    target = folder / "q8_matvec-new.so"
+    assert q8._build(shutil.which("cc") or shutil.which("gcc"), target) is None
+    left = sorted(path.name for path in folder.glob("q8_matvec-*.so"))
+    assert len(left) == 8 and target.name in left
+    assert left[:7] == [f"q8_matvec-{n:016x}.so" for n in range(5, 12)]  # the newest of the old ones stay
+    assert ctypes.CDLL(str(target)).bat_q8_matvec is not None
+
+
+@pytest.mark.skipif(not KERNEL_EXPECTED, reason="needs a C compiler and an AVX2 CPU")
 def test_compiled_row_products_are_float64_exact_within_their_bound():
     """The head's products (certify.py's `exact_products`) on the int8 rows, against an 80-bit reference."""
     W = q8_0_matrix(3000, 96)
