@@ -176,6 +176,8 @@ class Step:
         """Stages of a certificate check before the whole vocabulary: about `near_sizes` of the most probable
         tokens in turn (`_near_sizes_used`, `about_most_probable`), past the head. Each stage holds the tokens
         it adds and what bounds the rest after it."""
+        if not self._near_sizes_used:  # the default: no stages, and no pass over the vocabulary for them
+            return []
         p = self.p
         kept = np.zeros(len(p), dtype=bool)
         kept[self.head] = True
