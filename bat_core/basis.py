@@ -81,6 +81,8 @@ class Basis:
         if softcap is not None and (not math.isfinite(softcap) or softcap <= 0):
             raise BatError(f"softcap={softcap!r} must be a positive number (or None when the model has none)")
         self.softcap = None if softcap is None else float(softcap)
+        self.parent: Basis | None = None  # the full basis, where this one is `reduced`
+        self.directions: np.ndarray | None = None  # then its d x k singular directions (float64)
         self._derive()
 
     def _derive(self) -> None:
@@ -349,7 +351,9 @@ class Basis:
         """Constraint reduction: keep only the top-k right singular directions of W (as the paper does).
 
         The reduced LP drops constraints, so it is a relaxation: it may reject tokens the exact LP
-        accepts, never the reverse. Use it as a speed knob; measure the accepts it loses.
+        accepts, never the reverse. Use it as a speed knob; measure the accepts it loses. The reduced
+        matrix is W V_k rounded to float32, so a solver on it proves every accept again on W itself
+        (its certificates are lifted to the full [W, 1]).
         """
         d = self.hidden_size
         if not 1 <= directions <= d:
@@ -363,6 +367,10 @@ class Basis:
         basis = Basis.__new__(Basis)
         basis.W, basis.bias, basis.softcap = reduced, self.bias, self.softcap
         basis.vocab_size, basis.hidden_size = reduced.shape
+        own = self.singular_directions(directions)
+        # certificates lift to the original model's W, also from a reduced basis's reduction
+        basis.parent = self if self.parent is None else self.parent
+        basis.directions = own.copy() if self.parent is None else self.directions @ own
         basis._derive()
         return basis
 

@@ -189,9 +189,8 @@ class Step:
             added &= ~kept
             kept |= added
             kept_ids = np.flatnonzero(kept)
-            # the rest's sums as totals less the kept tokens' (indexing the kept few is 10x faster than the rest);
-            # each float64 sum of at most v terms is within 4 v u of exact: allow for the three of them
-            slack = 4 * (len(p) + len(kept_ids)) * U64
+            # the rest's sums as totals less the kept tokens' (indexing the kept few is 10x faster than the rest)
+            slack = self.tail_sum_slack(len(kept_ids))
             weight = p[kept_ids] if self.scale is None else p[kept_ids] * self.scale[kept_ids]
             stages.append(NearTokens(
                 rows=np.flatnonzero(added),
@@ -517,9 +516,16 @@ class Step:
     def _lipschitz_tail(self, exact: np.ndarray, tail_energy: np.ndarray) -> tuple[float, np.ndarray]:
         """_tail_bound's (mass, spread) from the tail's energy bound."""
         weights = self.p[exact] * self.scale_of(exact)
-        tail_weight_sq = max(self.weight_sq_total - float(weights @ weights), 0.0) + 1e-12 * self.weight_sq_total
-        tail_mass = max(self.p_total - float(self.p[exact].sum()), 0.0) + 1e-14
+        slack = self.tail_sum_slack(len(exact))
+        tail_weight_sq = max(self.weight_sq_total - float(weights @ weights), 0.0) + slack * self.weight_sq_total
+        tail_mass = max(self.p_total - float(self.p[exact].sum()), 0.0) + slack * self.p_total
         return tail_mass, self.lipschitz * np.sqrt(tail_weight_sq * tail_energy)
+
+    def tail_sum_slack(self, kept: int) -> float:
+        """Relative slack of a tail sum taken as (sum over the vocabulary) - (sum over `kept` tokens): each
+        float64 sum of n terms (products p_j s_j, squares) is within gamma_(n+1) <= 2 (n+1) u of exact for any
+        summation order, and the difference adds one rounding; 4 (v + kept) u covers the three."""
+        return 4 * (self.basis.vocab_size + kept) * U64
 
     def all_values(
         self,

@@ -2,10 +2,19 @@
 
 - ``sample``: draw from p_hat without replacement; take the first token that passes the threshold or
   has an accept certificate; after `max_rejections` rejections take the argmax (Finlayson et al.).
-  The request's own seeded generator makes a seed reproduce the output.
+  The argmax itself is always taken (the rule that keeps sampling from getting stuck: it belongs to
+  the sampler, not to the decision, which is the LP's answer for every token).
 - ``mask``: a sound accepted set over the whole vocabulary: tokens at or above tau, the argmax, and
   every sub-threshold token proven among a fixed number of exact decisions per step (most probable
   first; one certificate can prove many tokens at once). The mass left undecided is reported; undecided tokens are not in the mask.
+
+Both take `allowed`, the tokens a grammar permits at this step: BAT then decides on the raw
+distribution as always, draws only among allowed tokens, and "the argmax" becomes the most probable
+allowed token. Both take `step`, the index of the generated token: the outcome is then a function of
+(seed, step, logits, allowed) alone (the draws come from a generator of that step, and no certificate
+of another step is reused), so an engine that repeats, skips or reorders steps (vLLM's chunked
+prefill, preemption) still reproduces a seed. Without `step` the request's generator runs as one
+stream and certificates carry over from step to step.
 """
 from __future__ import annotations
 
@@ -38,7 +47,7 @@ class SampleResult:
 
 @dataclass
 class MaskResult:
-    mask: np.ndarray  # bool, length v: True = may be sampled (proven, or >= tau, or the argmax)
+    mask: np.ndarray  # bool, length v: True = may be sampled (proven, >= tau or the argmax; within `allowed`)
     tau: float
     accepted_below_tau: int
     rejected: int
@@ -46,37 +55,47 @@ class MaskResult:
     undecided_mass: float
     threshold_mass: float  # mass the plain threshold rule keeps
     mask_mass: float  # mass BAT keeps
-    accepted_below_tau_ids: np.ndarray  # the proven sub-threshold tokens (argmax excluded)
+    accepted_below_tau_ids: np.ndarray  # the proven sub-threshold tokens (the argmax excluded)
 
 
-class BlockCdf:
-    """Inverse-CDF draws from p without a cumulative sum over the whole vocabulary: the block sums find
-    the block, a cumulative sum of that block finds the token (numpy's cumsum over SmolLM2's 49k
-    probabilities took 0.17 ms, about a third of a sampled step that needs no decision)."""
+class BlockGumbelRace:
+    """Exact draws from the categorical distribution of weights p as a two-level Gumbel-max race: a
+    block of 256 tokens by its mass, then a token of that block by its weight, so a draw costs no pass
+    over the whole vocabulary beyond the block sums. Unlike an inverse CDF in token order, where a
+    small change of p moves every later boundary by the change summed so far, a race turns a small
+    change of p into an equally small chance of another token: rounding that depends on the batch an
+    engine ran rarely changes a seeded draw. Every draw takes the same count of random numbers."""
 
     BLOCK = 256
 
     def __init__(self, p: np.ndarray) -> None:
-        self.p = p
-        full = len(p) // self.BLOCK * self.BLOCK
-        sums = p[:full].reshape(-1, self.BLOCK).sum(axis=1)
-        if full < len(p):
-            sums = np.append(sums, p[full:].sum())
-        self.block_cdf = np.cumsum(sums)
-        self.total = float(self.block_cdf[-1])
+        self.vocab_size = len(p)
+        blocks = -(-len(p) // self.BLOCK)
+        self.weights = np.zeros(blocks * self.BLOCK)
+        self.weights[: len(p)] = p
+        self.weights = self.weights.reshape(blocks, self.BLOCK)
+        self.mass = self.weights.sum(axis=1)
+        self.total = float(self.mass.sum())
 
-    def token_at(self, r: float) -> int:
-        """The token whose interval of the cumulative distribution holds r (0 <= r < total); tokens
-        with p = 0 have empty intervals and are never returned."""
-        r = min(r, float(np.nextafter(self.total, 0.0)))  # random() * total can round up to total
-        block = int(np.searchsorted(self.block_cdf, r, side="right"))
-        start = block * self.BLOCK
-        inside = self.p[start : start + self.BLOCK]
-        offset = r - (self.block_cdf[block - 1] if block else 0.0)
-        k = int(np.searchsorted(np.cumsum(inside), offset, side="right"))
-        if k >= len(inside):  # the block's sum and its cumulative sum round differently: its last token
-            k = int(np.flatnonzero(inside)[-1])
-        return start + k
+    def remove(self, token: int) -> None:
+        """Take a token out of later draws (sampling without replacement)."""
+        block = token // self.BLOCK
+        self.weights[block, token % self.BLOCK] = 0.0
+        self.mass[block] = self.weights[block].sum()
+
+    def draw(self, rng: np.random.Generator) -> int | None:
+        """A token with probability weight / remaining mass; None when (almost) no mass remains."""
+        if not self.mass.sum() > self.total * 1e-12:
+            return None
+        blocks = len(self.mass)
+        with np.errstate(divide="ignore"):
+            for _ in range(100):  # a retry only when a uniform draw is exactly 0 where it matters
+                gumbel = -np.log(-np.log(rng.random(blocks + self.BLOCK)))  # u in [0, 1): never +inf
+                block = int(np.argmax(np.log(self.mass) + gumbel[:blocks]))
+                k = int(np.argmax(np.log(self.weights[block]) + gumbel[blocks:]))
+                if self.weights[block, k] > 0:
+                    return block * self.BLOCK + k
+        return None
 
 
 class BatSampler:
@@ -103,7 +122,8 @@ class BatSampler:
         self.basis = basis
         self.rule = rule
         self.solver = BatSolver(basis, config)
-        self.rng = np.random.default_rng(seed)
+        self.rng = np.random.default_rng(seed)  # the stream of calls without `step`
+        self._seed_sequence = np.random.SeedSequence(seed)  # seed None: fresh entropy, drawn once
         self.max_rejections = max_rejections
         self.mask_candidates = mask_candidates
         self.mask_budget = mask_budget
@@ -112,64 +132,92 @@ class BatSampler:
     def stats(self):
         return self.solver.stats
 
-    def sample(self, logits: Any) -> SampleResult:
-        """One token by the paper's sampler, on the model's raw (temperature 1) logits."""
-        step = self.solver.new_step(logits, self.rule)
-        cdf = BlockCdf(step.p)
-        removed: set[int] = set()
-        result = SampleResult(-1, step.tau, 0.0)
+    def sample(self, logits: Any, step: int | None = None, allowed: Any = None) -> SampleResult:
+        """One token by the paper's sampler, on the model's raw (temperature 1) logits.
+
+        `step`: the index of the generated token (see the module docstring); `allowed`: a boolean mask
+        over the vocabulary of the tokens a grammar permits (None: every token)."""
+        rng = self._generator(step)
+        state = self.solver.new_step(logits, self.rule)
+        allowed = self._allowed(allowed)
+        weights = state.p if allowed is None else np.where(allowed, state.p, 0.0)
+        top = state.argmax if allowed is None else int(np.argmax(weights))
+        race = BlockGumbelRace(weights)
+        result = SampleResult(-1, state.tau, 0.0)
         while len(result.decisions) < self.max_rejections:
-            token = self._draw(cdf, removed)
+            token = race.draw(rng)
             if token is None:
                 break
-            if step.p[token] >= step.tau:  # most draws: no candidate bookkeeping needed
+            if state.p[token] >= state.tau:  # most draws: no candidate bookkeeping needed
                 decision = self.solver.record_shortcut(Decision(token, True, "threshold"))
+            elif token == top:
+                decision = self.solver.record_shortcut(Decision(token, True, "argmax"))
             else:
-                decision = self.solver.decide(step, [token])[0]
+                decision = self.solver.decide(state, [token])[0]
             result.decisions.append(decision)
             if decision.accepted:
-                result.token, result.probability = token, float(step.p[token])
+                result.token, result.probability = token, float(state.p[token])
                 return result
-            removed.add(token)
-        result.token, result.probability = step.argmax, float(step.p[step.argmax])
+            race.remove(token)
+        result.token, result.probability = top, float(state.p[top])
         result.fell_back_to_argmax = True
         return result
 
-    def _draw(self, cdf: BlockCdf, removed: set[int]) -> int | None:
-        """A draw from p without the removed tokens (rejection on the removed set = sampling without
-        replacement)."""
-        left = cdf.total - sum(float(cdf.p[t]) for t in removed)
-        if left <= cdf.total * 1e-12:
-            return None
-        for _ in range(10_000):
-            token = cdf.token_at(self.rng.random() * cdf.total)
-            if token not in removed:
-                return token
-        return None
+    def _generator(self, step: int | None) -> np.random.Generator:
+        """The request's stream (step None), or a generator of its own for the step, from the seed."""
+        if step is None:
+            return self.rng
+        self._begin_step(step)
+        seeds = self._seed_sequence
+        return np.random.default_rng(np.random.SeedSequence(seeds.entropy, spawn_key=(*seeds.spawn_key, int(step))))
 
-    def mask(self, logits: Any, budget: float | None = None, candidates: int | None = None) -> MaskResult:
-        """The proven accepted set over the whole vocabulary.
+    def _begin_step(self, step: int) -> None:
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+            raise BatError(f"step={step!r} must be a non-negative integer (the index of the generated token)")
+        self.solver.forget_certificates()  # nothing of another step may shape this one
+
+    def _allowed(self, allowed: Any) -> np.ndarray | None:
+        if allowed is None:
+            return None
+        mask = np.asarray(allowed)
+        v = self.basis.vocab_size
+        if mask.dtype != bool or mask.ndim != 1 or len(mask) < v:
+            raise BatError(f"allowed must be a boolean mask over the {v} tokens of the vocabulary, got {mask.dtype} {mask.shape}")
+        mask = mask[:v]
+        if not mask.any():
+            raise BatError("no token is allowed at this step (the grammar permits none of the vocabulary)")
+        return mask
+
+    def mask(
+        self, logits: Any, budget: float | None = None, candidates: int | None = None, step: int | None = None,
+        allowed: Any = None,
+    ) -> MaskResult:
+        """The proven accepted set over the whole vocabulary (within `allowed`, where given).
 
         At most `candidates` (default `mask_candidates`) sub-threshold tokens get an exact decision,
         most probable first; certificates found on the way prove every other token they cover. A
         count, not a clock, limits the work so that a seed reproduces the mask; `budget` seconds
-        (default `mask_budget`) is only a safety cap."""
+        (default `mask_budget`) is only a safety cap. `step` and `allowed` as in `sample`."""
         start = time.perf_counter()
         deadline = start + (self.mask_budget if budget is None else budget)
+        if step is not None:
+            self._begin_step(step)
         solver = self.solver
-        step = solver.new_step(logits, self.rule)
-        p = step.p
-        mask = p >= step.tau
-        mask[step.argmax] = True
+        state = solver.new_step(logits, self.rule)
+        allowed = self._allowed(allowed)
+        p = state.p
+        top = state.argmax if allowed is None else int(np.argmax(np.where(allowed, p, -1.0)))
+        permitted = np.ones(len(p), dtype=bool) if allowed is None else allowed
+        mask = (p >= state.tau) & permitted
+        mask[top] = True
         rejected = np.zeros_like(mask)
-        below = np.flatnonzero(~mask)
+        below = np.flatnonzero(~mask & permitted)
         below = below[np.argsort(-p[below], kind="stable")]
-        scale = step.tolerance_scale(np.arange(len(p)))
-        tol = solver.config.tol * scale
+        tol = solver.config.tol * state.tolerance_scale(np.arange(len(p)))
         # certificates the request already holds may prove many tokens with one product
         cached = solver.cached_certificates()
         if cached:
-            mask |= (step.all_values(np.column_stack(cached)) > tol[None, :]).any(axis=0)
+            mask |= solver.proven_tokens(state, np.column_stack(cached)) & permitted
         cursor, tried = 0, 0
         limit = self.mask_candidates if candidates is None else candidates
         while tried < limit and time.perf_counter() < deadline:
@@ -179,30 +227,29 @@ class BatSampler:
                 break
             token = int(below[cursor])
             tried += 1
-            decision = solver.decide(step, [token], deadline=deadline)[0]
+            decision = solver.decide(state, [token], deadline=deadline)[0]
             cert = decision.certificate
             if decision.accepted:
                 mask[token] = True
                 if cert is not None:
-                    mask |= step.all_values(cert.y[:, None])[0] > tol
+                    mask |= solver.proven_tokens(state, cert.y[:, None]) & permitted
             else:
                 rejected[token] = True
                 if cert is not None:  # the same feasible point rejects every token it leaves at zero
                     zeros = cert.zero_tokens(p)
                     zeros = zeros[~mask[zeros] & (cert.residual_l1 <= tol[zeros] * p[zeros])]
                     rejected[zeros] = True
-        undecided = ~mask & ~rejected
-        threshold_mass = float(p[p >= step.tau].sum())
-        below_ids = np.flatnonzero(mask & (p < step.tau))
-        below_ids = below_ids[below_ids != step.argmax]
+        undecided = ~mask & ~rejected & permitted
+        below_ids = np.flatnonzero(mask & (p < state.tau))
+        below_ids = below_ids[below_ids != top]
         return MaskResult(
             mask=mask,
-            tau=step.tau,
+            tau=state.tau,
             accepted_below_tau=len(below_ids),
             rejected=int(rejected.sum()),
             undecided=int(undecided.sum()),
             undecided_mass=float(p[undecided].sum()),
-            threshold_mass=threshold_mass,
+            threshold_mass=float(p[(p >= state.tau) & permitted].sum()),
             mask_mass=float(p[mask].sum()),
             accepted_below_tau_ids=below_ids,
         )

@@ -4,7 +4,7 @@
 every accept carries an accept certificate (y, verified over the whole vocabulary with rigorous
 float bounds), every reject that is not a fallback carries a feasible point. Cheap paths come first:
 
-1. the threshold (p_i >= tau accepts with no LP) and the argmax rule (the top token is always kept);
+1. the threshold (p_i >= tau accepts with no LP; the argmax rule is the sampler's, not the decision's);
 2. certificate candidates: the weighted-least-squares direction, then (with an LP budget) the request's
    recent certificates; each is only a candidate until certify.py proves it;
 3. (with an LP budget) proofs by least squares over the top of the distribution (feasible.py): a feasible
@@ -12,6 +12,10 @@ float bounds), every reject that is not a fallback carries a feasible point. Che
    (accept); then accept certificates from small LPs over the top singular directions of W;
 4. the exact restricted LP with column generation, warm-started on the request's HiGHS model;
 5. past the per-decision time budget, or when HiGHS fails: reject, and count the fallback.
+
+On a reduced basis (`Basis.reduced`, constraint reduction) every accept is proven again on the full
+W: its certificate, lifted to R^(d+1), must pass the same check there, or the token is rejected.
+Accept certificates are therefore always vectors for [W, 1] of the full model.
 """
 from __future__ import annotations
 
@@ -175,6 +179,7 @@ class BatSolver:
         self._rejects: list[RejectCertificate] = []
         self._lsq: WeightedLeastSquares | None = None
         self._working: dict[int, WorkingSet] = {}
+        self._parent_step: tuple[Step, Step] | None = None  # (step, the same distribution on the full W)
         self._deadline = 0.0
 
     # ------------------------------------------------------------------ steps
@@ -194,12 +199,49 @@ class BatSolver:
         return step
 
     def cached_certificates(self) -> list[np.ndarray]:
-        """The request's recent accept certificates (most recent first)."""
-        return list(self._cache)
+        """The request's recent accept certificates (most recent first), as vectors for the full [W, 1]."""
+        return [self._lifted(y) for y in self._cache]
 
-    @property
-    def lp_models_built(self) -> int:
-        return 0 if self._lp is None else self._lp.models_built
+    def forget_certificates(self) -> None:
+        """Drop the recent certificates, so that later decisions do not depend on earlier steps."""
+        self._cache.clear()
+
+    def proven_tokens(self, step: Step, Y: np.ndarray) -> np.ndarray:
+        """The tokens that some column of Y (certificates for the full [W, 1]) proves: bool, length v."""
+        step = self._verifying_step(step)
+        tol = self.config.tol * step.tolerance_scale(np.arange(len(step.p)))
+        return (step.all_values(Y) > tol[None, :]).any(axis=0)
+
+    # ------------------------------------------------------------------ reduced bases
+    def _lifted(self, y: np.ndarray) -> np.ndarray:
+        """A certificate of this solver's basis as one for the full [W, 1] (the same c = A y up to rounding)."""
+        if self.basis.parent is None:
+            return y
+        return np.append(self.basis.directions @ y[:-1], y[-1])
+
+    def _verifying_step(self, step: Step) -> Step:
+        """The step on the full W that proves this solver's accepts (the step itself unless the basis is reduced)."""
+        if self.basis.parent is None:
+            return step
+        if self._parent_step is None or self._parent_step[0] is not step:
+            full = Step(self.basis.parent, step.p, step.tau, step.scale, step.head_size)
+            self._parent_step = (step, full)
+        return self._parent_step[1]
+
+    def _proven_on_full_matrix(self, step: Step, found: dict[int, Decision]) -> dict[int, Decision]:
+        """Accepts of a reduced basis, proven again on the full W (its rounded product W V_k proves nothing of
+        W itself); what fails there is rejected, as constraint reduction may reject more, never accept more."""
+        full = self._verifying_step(step)
+        out = {}
+        for t, decision in found.items():
+            if decision.accepted:
+                y = self._lifted(decision.certificate.y)
+                tol = self.config.tol * float(full.tolerance_scale(np.array([t]))[0])
+                value = full.full_value(y, t, enough=tol)
+                decision = Decision(t, True, decision.method, AcceptCertificate(t, y, value)) if value > tol else \
+                    self._fallback(t, "not proven on the full matrix")
+            out[t] = decision
+        return out
 
     # ------------------------------------------------------------------ decisions
     def decide(self, step: Step, candidates: Any, deadline: float | None = None) -> list[Decision]:
@@ -216,8 +258,6 @@ class BatSolver:
             t = int(t)
             if step.p[t] >= step.tau:
                 decisions[t] = Decision(t, True, "threshold")
-            elif t == step.argmax:
-                decisions[t] = Decision(t, True, "argmax")
             elif step.p[t] < self.config.min_probability:
                 decisions[t] = Decision(t, False, "resolution")
             elif (point := self._stored_reject(step, t)) is not None:
@@ -225,7 +265,8 @@ class BatSolver:
             else:
                 pending.append(t)
         if pending:
-            decisions.update(self._decide_below_tau(step, np.array(pending)))
+            found = self._decide_below_tau(step, np.array(pending))
+            decisions.update(found if self.basis.parent is None else self._proven_on_full_matrix(step, found))
         out = [decisions[int(t)] for t in tokens]
         self.stats.near_products += step.near_products - products[0]
         self.stats.vocabulary_products += step.vocabulary_products - products[1]
@@ -438,7 +479,7 @@ class BatSolver:
             s.candidates += 1
             s.accepted += d.accepted
             s.rejected += not d.accepted
-            if d.method in ("threshold", "argmax"):
+            if d.method in ("threshold", "argmax"):  # "argmax": the sampler's rule (record_shortcut)
                 s.by_threshold += 1
             elif d.method == "certificate":
                 s.by_certificate += 1
