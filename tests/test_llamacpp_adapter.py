@@ -232,3 +232,73 @@ def test_bat_generate_command_end_to_end():
     assert bad.returncode == 2 and "out of range" in bad.stderr
     missing = run_bat("generate", "x", "--model", "/nonexistent/model.gguf")
     assert missing.returncode == 2 and "not found" in missing.stderr
+
+
+# ---------------------------------------------------------------- failures and grammars
+def break_sampler(proc, method: str, after: int = 2):
+    """Make the processor's core sampler raise from its `after`-th call of `method` on (fault injection)."""
+    original, calls = getattr(proc.sampler, method), []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) >= after:
+            raise RuntimeError("injected failure")
+        return original(*args, **kwargs)
+
+    setattr(proc.sampler, method, failing)
+
+
+@pytest.mark.parametrize("mode", ["sample", "mask"])
+def test_a_failing_step_fails_closed_in_completions_streams_and_chat(llm, bat, mode):
+    """A step at which BAT raises keeps only its most probable token (never the untruncated distribution), the
+    failure is counted and raised to the caller of a completion, a stream or a chat, and the model serves on."""
+    z = None
+    llm.reset()
+    llm.eval(llm.tokenize(b"Once upon a time", add_bos=False))
+    z = last_logits(llm)
+    proc = bat.processor(eta=0.0009, mode=mode, seed=1)
+    break_sampler(proc, mode, after=1)
+    out = proc(None, z.copy())
+    assert np.isfinite(out).sum() == 1 and int(np.argmax(out)) == int(np.argmax(z))
+    assert proc.stats.errors == 1 and proc.error is not None
+    for run in ("completion", "stream", "chat", "chat_stream"):
+        proc = bat.processor(eta=0.0009, mode=mode, seed=1)
+        break_sampler(proc, mode)
+        with pytest.raises(bat_core.BatError, match="injected failure"):
+            if run == "completion":
+                complete(llm, proc, max_tokens=8)
+            elif run == "stream":
+                list(llm(PROMPTS[0], max_tokens=8, stream=True, **proc.completion_kwargs()))
+            else:
+                reply = proc.create_chat_completion([{"role": "user", "content": "Say hello."}], max_tokens=8,
+                                                    stream=run == "chat_stream")
+                if run == "chat_stream":
+                    list(reply)
+        assert proc.stats.errors >= 1
+    healthy = bat.processor(eta=0.0009, mode=mode, seed=1)
+    assert complete(llm, healthy, max_tokens=8) and healthy.stats.errors == 0 and healthy.error is None
+
+
+@pytest.mark.parametrize("mode", ["sample", "mask"])
+def test_bat_draws_within_a_grammar(llm, bat, mode):
+    """A grammar after BAT in llama.cpp's chain: BAT keeps only tokens the grammar allows at each step (llama.cpp
+    would otherwise end the process when its grammar meets a step with nothing left), in completions and chat."""
+    from llama_cpp import LlamaGrammar
+
+    grammar = LlamaGrammar.from_string('root ::= ("yes" | "no" | "maybe") "."', verbose=False)
+    texts = set()
+    for seed in range(4):
+        proc = bat.processor(eta=0.0009, mode=mode, seed=seed)
+        text = complete(llm, proc, "Will it rain tomorrow? Answer:", max_tokens=8, grammar=grammar)
+        assert text in ("yes.", "no.", "maybe."), text
+        assert proc.stats.grammar_steps == proc.stats.tokens >= 2 and proc.stats.errors == 0
+        texts.add(text)
+    chat = bat.processor(tau=0.05, mode=mode, seed=0)
+    reply = chat.create_chat_completion([{"role": "user", "content": "Give a JSON object with a key a."}],
+                                        max_tokens=24, response_format={"type": "json_object"})
+    content = reply["choices"][0]["message"]["content"]
+    assert content.lstrip().startswith("{") and chat.stats.grammar_steps == chat.stats.tokens > 0
+    # without a grammar, no step is restricted
+    free = bat.processor(eta=0.0009, mode=mode, seed=0)
+    complete(llm, free, max_tokens=4)
+    assert free.stats.grammar_steps == 0

@@ -15,14 +15,22 @@ BAT sees the raw logits of every step in token-id order. In "sample" mode BAT dr
 (the paper's sampler, with the completion's own seeded generator) and leaves only that token finite;
 in "mask" mode it leaves the proven set finite and llama.cpp's own samplers draw from it.
 
-A ctypes callback cannot raise into the caller, so an error inside BAT is stored and raised by the
-stopping criterion that `completion_kwargs()` installs, before the step's token is returned.
+A grammar (`grammar=`, or a chat `response_format`) sits after BAT in the chain: BAT asks the chain's
+grammar sampler which tokens it allows at the step, decides on the raw distribution as always, and draws
+(or masks) among the allowed tokens only, so that the grammar never meets a step with nothing left.
+
+A ctypes callback cannot raise into the caller. When BAT fails at a step, that step keeps only its
+most probable (allowed) token, never the untruncated distribution; the error is counted and raised by
+the stopping criterion that `completion_kwargs()` installs (completions, streaming) or by
+`create_chat_completion` (chat), before the next token is returned.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -81,6 +89,8 @@ class CompletionStats:
     mask_accepted_below_tau: int = 0  # mask mode: sub-threshold tokens proven, summed over steps
     mask_undecided_mass: float = 0.0  # mask mode: probability left undecided, summed over steps
     bat_seconds: float = 0.0  # wall time inside BAT
+    errors: int = 0  # steps at which BAT failed (each kept only its most probable allowed token)
+    grammar_steps: int = 0  # steps restricted to the tokens a grammar allowed
     core: dict[str, Any] = field(default_factory=dict)  # the core's BatStats (decisions, LP solves, fallbacks)
 
     def as_dict(self) -> dict[str, Any]:
@@ -196,9 +206,24 @@ class BatLogitsProcessor:
         return kwargs
 
     def chat_kwargs(self) -> dict[str, Any]:
-        """As `completion_kwargs()` without the guard (chat completions take no stopping criteria):
-        check `processor.error` after the call."""
+        """As `completion_kwargs()` without the guard (chat completions take no stopping criteria): prefer
+        `create_chat_completion`, which raises BAT's errors; with these, check `processor.error` yourself."""
         return neutral_sampling_kwargs(self, self.seed)
+
+    def create_chat_completion(self, messages: list[dict[str, Any]], **kwargs: Any) -> Any:
+        """`Llama.create_chat_completion` with this processor; BAT's errors are raised (after the reply, or at the
+        next chunk of a stream). `response_format` and `grammar` combine with BAT (see the module docstring)."""
+        out = self.owner.llm.create_chat_completion(messages, **{**self.chat_kwargs(), **kwargs})
+        if kwargs.get("stream"):
+            return self._raising(out)
+        self.raise_if_failed()
+        return out
+
+    def _raising(self, chunks: Iterator[Any]) -> Iterator[Any]:
+        for chunk in chunks:
+            self.raise_if_failed()
+            yield chunk
+        self.raise_if_failed()
 
     def raise_if_failed(self, input_ids: Any = None, logits: Any = None) -> bool:
         """Stopping criterion: raise the error BAT met inside llama.cpp's callback, or the sign that
@@ -216,20 +241,25 @@ class BatLogitsProcessor:
     def __call__(self, input_ids: Any, scores: np.ndarray) -> np.ndarray:
         self.calls += 1
         start = time.perf_counter()
+        z = np.asarray(scores, dtype=np.float32)
+        allowed = None
         try:
-            return self._apply(np.asarray(scores, dtype=np.float32))
+            allowed = grammar_allowed(self.owner.llm, z)
+            return self._apply(z, allowed)
         except Exception as exc:  # noqa: BLE001 - must not escape into the C callback
+            self._stats.errors += 1
             self.error = exc if isinstance(exc, BatError) else BatError(f"BAT failed inside llama.cpp: {exc!r}")
-            return scores
+            return most_probable_only(z, allowed)
         finally:
             self._stats.bat_seconds += time.perf_counter() - start
 
-    def _apply(self, z: np.ndarray) -> np.ndarray:
+    def _apply(self, z: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
         self.owner.check_span(z)
         out = np.full(z.shape, -np.inf, dtype=np.float32)
         self._stats.tokens += 1
+        self._stats.grammar_steps += allowed is not None
         if self.mode == "sample":
-            result = self.sampler.sample(z)
+            result = self.sampler.sample(z, allowed=allowed)
             out[result.token] = z[result.token]
             self._stats.argmax_fallbacks += int(result.fell_back_to_argmax)
             self.last_tau, self.last_below_tau = result.tau, set()
@@ -242,7 +272,7 @@ class BatLogitsProcessor:
                         result.token, result.probability, result.tau, z.copy(), result.decisions[-1].certificate,
                     ))
         else:
-            masked = self.sampler.mask(z)
+            masked = self.sampler.mask(z, allowed=allowed)
             keep = np.flatnonzero(masked.mask)
             out[keep] = z[keep]
             self.last_tau = masked.tau
@@ -250,6 +280,46 @@ class BatLogitsProcessor:
             self._stats.mask_accepted_below_tau += masked.accepted_below_tau
             self._stats.mask_undecided_mass += masked.undecided_mass
         return out
+
+
+def grammar_allowed(llm: Any, z: np.ndarray) -> np.ndarray | None:
+    """The tokens the grammar samplers of `llm`'s current chain allow at this step (None: no grammar). Each is
+    applied to a copy of the candidates: `apply` only marks tokens, the chain's own `accept` moves the grammar on."""
+    from llama_cpp import llama_cpp as C
+
+    sampler = getattr(llm, "_sampler", None)
+    chain = getattr(sampler, "sampler", None)
+    if not chain:
+        return None
+    custom = {index for index, _ in getattr(sampler, "custom_samplers", [])}  # Python samplers have no C name
+    grammars = [C.llama_sampler_chain_get(chain, i) for i in range(C.llama_sampler_chain_n(chain)) if i not in custom]
+    grammars = [g for g in grammars if (C.llama_sampler_name(g) or b"").startswith(b"grammar")]
+    if not grammars:
+        return None
+    n = len(z)
+    data = (C.llama_token_data * n)()
+    view = np.frombuffer(data, dtype=np.dtype([("id", np.intc), ("logit", np.single), ("p", np.single)], align=True))
+    view["id"], view["logit"], view["p"] = np.arange(n), z, 0.0
+    candidates = C.llama_token_data_array(data=data, size=n, selected=-1, sorted=False)
+    for grammar in grammars:
+        C.llama_sampler_apply(grammar, ctypes.byref(candidates))
+    allowed = np.zeros(n, dtype=bool)
+    kept = view[: candidates.size]
+    allowed[kept["id"][np.isfinite(kept["logit"])]] = True
+    if not allowed.any():
+        raise BatError("the grammar allows no token at this step")
+    return allowed
+
+
+def most_probable_only(z: np.ndarray, allowed: np.ndarray | None = None) -> np.ndarray:
+    """Fail closed: only the most probable (allowed) token stays finite."""
+    finite = np.where(np.isfinite(z), z, -np.inf)
+    if allowed is not None and allowed.any():
+        finite = np.where(allowed, finite, -np.inf)
+    out = np.full(z.shape, -np.inf, dtype=np.float32)
+    top = int(np.argmax(finite))
+    out[top] = z[top] if np.isfinite(z[top]) else 0.0  # logits with no finite value: one token all the same
+    return out
 
 
 class EtaLogitsProcessor:
