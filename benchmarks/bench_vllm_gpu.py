@@ -302,10 +302,13 @@ def run(pack: str, out: str, concurrency: list[int], steps: int, eps: float, thr
         proc, device = processors[name]
         before = dict(proc.totals)
         rows = [k % hidden.shape[0] for k in range(n)]
-        added = [(k, request_params(mode, k, eps), None, []) for k in range(n)]
+        generated = [[] for _ in range(n)]  # vLLM's live output lists: their length is each request's step index
+        added = [(k, request_params(mode, k, eps), None, generated[k]) for k in range(n)]
         proc.update_state(BatchUpdate(batch_size=n, removed=[], added=added, moved=[]))
         times, outputs = [], []
         for t in range(count):
+            for out in generated:
+                out[:] = [0] * t
             logits = (hidden_dev[rows, t] @ W_dev.T).to(device)
             sync()
             start = time.perf_counter()

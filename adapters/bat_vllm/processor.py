@@ -10,11 +10,16 @@
 Per-request settings (flat keys, the same in `extra_args` and `vllm_xargs`): exactly one of `bat_eta`,
 `bat_epsilon`, `bat_tau`; optional `bat_mode` ("sample", "mask", or "threshold": the plain rule
 without BAT), `bat_seed` (default: the request's own seed), `bat_time_budget` (seconds per
-decision for the exact path's later stages, least-squares proofs and LPs; default 0: certificate
-search only).
+decision for the exact path's later stages, at most the operator's BAT_MAX_TIME_BUDGET; default 0:
+certificate search only). Settings that change the logits before BAT (structured outputs,
+logit_bias, allowed_token_ids, bad_words, min_tokens) are refused: BAT needs the raw distribution.
+
 A request without `bat_` keys is not touched. The processor keeps one core `BatSampler` per BAT
 request, keyed by its row in vLLM's persistent batch, and follows vLLM's added / removed / moved
-bookkeeping; the sampler (and its HiGHS model, if it ever needed one) is freed when the request leaves.
+bookkeeping. Each step is drawn with the request's step index (its number of output tokens), so a
+seed gives the same text whatever else is in the batch (chunked prefill, preemption, reordering).
+Nothing BAT does can stop the engine: a failure on one request leaves that request its most probable
+token and is counted; the other rows and requests go on (docs/vllm.md).
 """
 from __future__ import annotations
 
@@ -33,19 +38,21 @@ import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 import bat_core
-from bat_core import BatError, ThresholdRule
+from bat_core import BatError
+from bat_core.lp import live_models
 from bat_core.threads import usable_cores
 
-RULE_KEYS = {"bat_eta": "eta", "bat_epsilon": "epsilon", "bat_tau": "tau"}
-KEYS = set(RULE_KEYS) | {"bat_mode", "bat_seed", "bat_time_budget"}
-MODES = ("sample", "mask", "threshold")  # threshold: the plain rule without BAT (a baseline)
+from .checkpoint import basis_for, check_model, read_output_matrix, softcap_of
+from .settings import asks_for_bat, max_time_budget, settings_from
+
+__all__ = ["BatLogitsProcessor", "active_processors", "read_output_matrix", "settings_from"]
+
 # relative span residual at first use: float32 engines give ~1e-6, 16-bit ones ~1e-3
 SPAN_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 3e-2, torch.float16: 3e-2}
 
 logger = logging.getLogger(__name__)
-_bases: dict[str, bat_core.Basis] = {}
-_bases_lock = threading.Lock()
-_engines: set[int] = set()  # vllm_config ids that already have an active BAT processor
+_engines_lock = threading.Lock()
+_engines: list[Any] = []  # one entry per engine with an acting BAT processor: a weak reference to its config
 _instances: weakref.WeakSet = weakref.WeakSet()
 
 
@@ -54,117 +61,62 @@ def active_processors() -> list[BatLogitsProcessor]:
     return [p for p in list(_instances) if p.active]
 
 
-@dataclass(frozen=True)
-class RequestSettings:
-    rule: ThresholdRule
-    mode: str
-    seed: int | None
-    time_budget: float
-
-
-def settings_from(params: Any) -> RequestSettings | None:
-    """The request's BAT settings, None when it asks for no BAT; BatError on bad settings."""
-    extra = getattr(params, "extra_args", None) or {}
-    keys = {k for k in extra if isinstance(k, str) and k.startswith("bat_")}
-    if not keys:
+def resident_mb() -> float | None:
+    """This process's resident memory in MB (Linux), None elsewhere."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+    except (OSError, ValueError, IndexError):
         return None
-    unknown = sorted(keys - KEYS)
-    if unknown:
-        raise BatError(f"unknown BAT setting(s) {unknown}: use {sorted(KEYS)}")
-    rules = [k for k in RULE_KEYS if k in extra]
-    if len(rules) != 1:
-        raise BatError(f"give exactly one of bat_eta, bat_epsilon, bat_tau (got {rules or 'none'})")
-    try:
-        value = float(extra[rules[0]])
-    except (TypeError, ValueError) as exc:
-        raise BatError(f"{rules[0]}={extra[rules[0]]!r} is not a number") from exc
-    rule = ThresholdRule(RULE_KEYS[rules[0]], value)
-    conflicts = [name for name, used in (
-        ("logit_bias", bool(getattr(params, "logit_bias", None))),
-        ("allowed_token_ids", bool(getattr(params, "allowed_token_ids", None))),
-        ("bad_words", bool(getattr(params, "bad_words", None))),
-        ("min_tokens", bool(getattr(params, "min_tokens", 0))),
-    ) if used]
-    if conflicts:
-        raise BatError(
-            f"BAT needs the model's raw logits, but {', '.join(conflicts)} change them before any custom "
-            "processor runs in vLLM; drop those settings for BAT requests"
-        )
-    mode = extra.get("bat_mode", "sample")
-    if mode not in MODES:
-        raise BatError(f"bat_mode={mode!r}: use 'sample' (the paper's sampler), 'mask', or 'threshold' (no BAT)")
-    if "bat_seed" in extra and int(getattr(params, "n", 1) or 1) > 1:
-        raise BatError(
-            "bat_seed with n > 1 would give n identical samples: set vLLM's `seed` instead (vLLM gives each "
-            "of the n sequences seed + index, and BAT uses it when bat_seed is absent)"
-        )
-    seed = extra.get("bat_seed", getattr(params, "seed", None))
-    if seed is not None:
+
+
+def _first_for_engine(vllm_config: Any) -> bool:
+    """Whether no acting BAT processor exists yet for this engine (identity of its config, never a reused id)."""
+    def target(entry: Any) -> Any:
+        return entry() if isinstance(entry, weakref.ref) else entry
+
+    with _engines_lock:
+        _engines[:] = [e for e in _engines if target(e) is not None]
+        if any(target(e) is vllm_config for e in _engines):
+            return False
         try:
-            seed = int(seed)
-        except (TypeError, ValueError) as exc:
-            raise BatError(f"bat_seed={seed!r} is not an integer") from exc
-        if seed < 0:
-            raise BatError(f"bat_seed={seed} must be a non-negative integer")
-    try:
-        budget = float(extra.get("bat_time_budget", 0.0))
-    except (TypeError, ValueError) as exc:
-        raise BatError(f"bat_time_budget={extra['bat_time_budget']!r} is not a number of seconds") from exc
-    if not 0.0 <= budget <= 60.0:
-        raise BatError(f"bat_time_budget={budget} must lie in [0, 60] seconds (0: certificate search only)")
-    return RequestSettings(rule, mode, seed, budget)
+            _engines.append(weakref.ref(vllm_config))
+        except TypeError:  # not weakly referable: held, so that its id cannot be reused
+            _engines.append(vllm_config)
+        return True
 
 
-def read_output_matrix(model: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """W (and bias) as the engine loaded it: `lm_head.weight`, else the tied `model.embed_tokens.weight`,
-    from the local checkpoint folder (safetensors, sharded or not) or a GGUF file."""
-    if os.path.isfile(model) and model.endswith(".gguf"):
-        from bat_llamacpp.gguf_weights import read_output_layer
-
-        layer = read_output_layer(model)
-        return layer.W, layer.bias
-    if not os.path.isdir(model):
-        raise BatError(
-            f"BAT reads W from the checkpoint the engine loaded, but {model!r} is not a local folder: "
-            "download the model and serve it from its folder"
-        )
-    from safetensors import safe_open
-
-    index = os.path.join(model, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as handle:
-            where = json.load(handle)["weight_map"]
-    else:
-        single = os.path.join(model, "model.safetensors")
-        if not os.path.isfile(single):
-            raise BatError(f"no model.safetensors (or index) in {model}: BAT needs the safetensors checkpoint")
-        with safe_open(single, framework="pt") as handle:
-            where = {name: "model.safetensors" for name in handle.keys()}
-    for name in ("lm_head.weight", "model.embed_tokens.weight"):
-        if name in where:
-            with safe_open(os.path.join(model, where[name]), framework="pt") as handle:
-                W = handle.get_tensor(name).float().numpy()
-                bias_name = name.replace(".weight", ".bias")
-                bias = handle.get_tensor(bias_name).float().numpy() if bias_name in handle.keys() else None
-            return W, bias
-    raise BatError(f"{model} has neither lm_head.weight nor model.embed_tokens.weight: no output matrix found")
-
-
-def basis_for(model: str) -> bat_core.Basis:
-    """One Basis per checkpoint and process (vLLM may build the processor twice: entry point and argument)."""
-    key = os.path.realpath(model)
-    with _bases_lock:
-        if key not in _bases:
-            W, bias = read_output_matrix(model)
-            _bases[key] = bat_core.Basis(W, bias=bias)
-        return _bases[key]
+# ---------------------------------------------------------------------------------------------- the processor
+@dataclass
+class RequestState:
+    sampler: bat_core.BatSampler | None  # None: BAT could not start for this request (it keeps its argmax)
+    mode: str
+    output: list  # vLLM's live list of the request's output tokens: its length is the step index
+    errors: int = 0  # steps at which BAT failed for this request (see _after_failure)
+    last_step: int = -1
+    redone: int = 0  # steps seen again (discarded prefill chunks, a re-scheduled step)
+    bat_seconds: float = 0.0
 
 
 @dataclass
-class RequestState:
-    sampler: bat_core.BatSampler
-    mode: str
-    errors: int = 0  # steps at which BAT raised for this request (see _after_failure)
+class StepTimes:
+    """BAT's share of the engine's steps with BAT rows: `apply` against the forward pass before it."""
+
+    steps: int = 0
+    bat_seconds: float = 0.0
+    forward_seconds: float = 0.0  # from update_state to apply: the model's forward pass of the step
+    max_bat_seconds: float = 0.0  # the largest single step of BAT
+
+    def add(self, forward: float, bat: float) -> None:
+        self.steps += 1
+        self.bat_seconds += bat
+        self.forward_seconds += forward
+        self.max_bat_seconds = max(self.max_bat_seconds, bat)
+
+    def as_dict(self) -> dict[str, float]:
+        total = self.bat_seconds + self.forward_seconds
+        return {"steps": self.steps, "bat_seconds": self.bat_seconds, "forward_seconds": self.forward_seconds,
+                "max_bat_seconds": self.max_bat_seconds, "bat_share": self.bat_seconds / total if total else 0.0}
 
 
 class BatLogitsProcessor(LogitsProcessor):
@@ -180,18 +132,18 @@ class BatLogitsProcessor(LogitsProcessor):
     def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool) -> None:
         # registered as an entry point AND passed in logits_processors=, vLLM builds the class twice for
         # one engine: only the first instance acts, so BAT runs once per step
-        with _bases_lock:
-            self.active = id(vllm_config) not in _engines
-            _engines.add(id(vllm_config))
-            _instances.add(self)
+        self.active = _first_for_engine(vllm_config)
+        _instances.add(self)
         model_config = vllm_config.model_config
         self.model = model_config.model
         self.vocab_size = int(model_config.get_vocab_size())
-        self.span_tolerance = SPAN_TOLERANCE.get(model_config.dtype, 3e-2)
+        self.span_tolerance = SPAN_TOLERANCE.get(getattr(model_config, "dtype", None), 3e-2)
         self.requests: dict[int, RequestState] = {}
         self._basis: bat_core.Basis | None = None
         self._span_checked = False
         self.record_dir = os.environ.get("BAT_VLLM_RECORD_DIR")  # tests: every sub-tau token's proof
+        self.stats_file = os.environ.get("BAT_VLLM_STATS_FILE")  # operators, tests: stats() as JSON
+        self._stats_written, self._stats_changed = 0.0, False
         # "auto": BAT's product over the vocabulary runs on the GPU the logits are on; "cpu": on the host
         self.matvec_policy = os.environ.get("BAT_MATVEC_DEVICE", "auto")
         if self.matvec_policy not in ("auto", "cpu"):
@@ -201,9 +153,23 @@ class BatLogitsProcessor(LogitsProcessor):
         if not row_threads.isdigit() or int(row_threads) > 64:
             raise BatError(f"BAT_ROW_THREADS={row_threads!r}: use a thread count from 1 to 64 (0 or unset: automatic)")
         self.row_threads = int(row_threads)
+        max_time_budget()  # a bad operator setting stops the engine at start, not a request later
         self.apply_seconds = 0.0  # wall time in apply (BAT requests present)
+        self.step_times = StepTimes()
+        self._step_started = time.perf_counter()
         self.totals: dict[str, float] = {}  # decisions of the requests that left (core BatStats summed)
+        # checks that need no W (folder, tensor, rows, soft-cap) at engine start; a model BAT cannot serve is
+        # logged now, and each BAT request on it later keeps its most probable tokens (counted as refused)
+        self.refusal: str | None = None
+        self.softcap: float | None = None
+        if self.active:
+            try:
+                self.softcap = softcap_of(model_config)
+                check_model(self.model, self.vocab_size)
+            except Exception as exc:  # noqa: BLE001 - the engine starts either way
+                self._refuse(exc)
 
+    # ------------------------------------------------------------------ the model, once
     @property
     def basis(self) -> bat_core.Basis:
         """W is read at the first BAT request (the processor is built before the model is loaded)."""
@@ -212,7 +178,7 @@ class BatLogitsProcessor(LogitsProcessor):
             # core for serving): spinning BLAS threads halved the engine's throughput on 2 cores
             bat_core.limit_blas_threads()
             bat_core.set_matvec_threads(torch.get_num_threads())
-            basis = basis_for(self.model)
+            basis = basis_for(self.model, self.softcap)
             if basis.vocab_size != self.vocab_size:
                 raise BatError(
                     f"vocabulary mismatch: the output matrix of {self.model} has {basis.vocab_size} rows, "
@@ -221,22 +187,28 @@ class BatLogitsProcessor(LogitsProcessor):
             self._basis = basis
         return self._basis
 
+    def _refuse(self, exc: BaseException) -> None:
+        """BAT cannot serve this engine's model: said once; BAT requests keep their most probable tokens."""
+        if self.refusal is None:
+            self.refusal = f"{type(exc).__name__}: {exc}"
+            logger.error("BAT is unavailable on this engine (%s); BAT requests will keep only their most probable "
+                         "token at each step, other requests are not affected", self.refusal)
+
     def is_argmax_invariant(self) -> bool:
         return False  # BAT must see the logits before temperature, and may change the argmax draw
 
+    # ------------------------------------------------------------------ bookkeeping
     def update_state(self, batch_update: BatchUpdate | None) -> None:
+        self._step_started = time.perf_counter()
         if batch_update is None or not self.active:
             return
         for index in batch_update.removed:
             self._retire(self.requests.pop(index, None))
-        for index, params, _, _ in batch_update.added:
-            settings = settings_from(params)
+        for index, params, _, output in batch_update.added:
             self._retire(self.requests.pop(index, None))
-            if settings is None:
-                continue
-            config = bat_core.BatConfig.for_generation(settings.time_budget)
-            sampler = bat_core.BatSampler(self.basis, settings.rule, seed=settings.seed, config=config)
-            self.requests[index] = RequestState(sampler, settings.mode)
+            state = self._start(params, output)
+            if state is not None:
+                self.requests[index] = state
         for a, b, direction in batch_update.moved:
             first, second = self.requests.pop(a, None), self.requests.pop(b, None)
             if first is not None:
@@ -246,44 +218,106 @@ class BatLogitsProcessor(LogitsProcessor):
                     self.requests[a] = second
             else:
                 self._retire(second)  # a one-way move overwrites b
+        if self._stats_changed:
+            self._write_stats(force=not self.requests)
+
+    def _start(self, params: Any, output: list) -> RequestState | None:
+        """A new request's state; a request BAT cannot serve gets one without a sampler (it keeps its argmax)."""
+        if not asks_for_bat(params):
+            return None
+        self._stats_changed = True
+        try:
+            settings = settings_from(params)
+        except Exception as exc:  # noqa: BLE001 - validate_params refused it already; never stop the engine here
+            logger.error("BAT settings refused in the engine (%s); the request keeps its most probable tokens", exc)
+            self._count("refused")
+            return RequestState(None, "sample", output)
+        if settings is None:
+            return None
+        if self.refusal is None:
+            try:
+                config = bat_core.BatConfig.for_generation(settings.time_budget)
+                sampler = bat_core.BatSampler(self.basis, settings.rule, seed=settings.seed, config=config)
+                return RequestState(sampler, settings.mode, output)
+            except Exception as exc:  # noqa: BLE001 - reading W may fail for this model: every BAT request would
+                self._refuse(exc)
+        self._count("refused")
+        return RequestState(None, settings.mode, output)
 
     def _retire(self, state: RequestState | None) -> None:
         if state is None:
             return
-        for key, value in state.sampler.stats.as_dict().items():
-            if isinstance(value, (int, float)):
-                self.totals[key] = self.totals.get(key, 0) + value
-        self.totals["errors"] = self.totals.get("errors", 0) + state.errors
+        self._stats_changed = True
+        if state.sampler is not None:
+            for key, value in state.sampler.stats.as_dict().items():
+                if isinstance(value, (int, float)):
+                    self.totals[key] = self.totals.get(key, 0) + value
+        self._count("errors", state.errors)
+        self._count("redone_steps", state.redone)
+        self._count("bat_seconds", state.bat_seconds)
+        self._count("requests")
 
+    def _count(self, key: str, amount: float = 1) -> None:
+        self.totals[key] = self.totals.get(key, 0) + amount
+
+    def stats(self) -> dict[str, Any]:
+        """What an operator watches: BAT requests in the batch, HiGHS models alive in this process, the
+        decisions of the requests that left, BAT's share of the steps' time, and the BAT time of the costliest
+        request in the batch (a noisy neighbour)."""
+        busiest = max((state.bat_seconds for state in self.requests.values()), default=0.0)
+        return {"active_requests": len(self.requests), "highs_models": live_models(), "refusal": self.refusal,
+                "totals": dict(self.totals), "steps": self.step_times.as_dict(), "busiest_request_seconds": busiest,
+                "resident_mb": resident_mb()}
+
+    def _write_stats(self, force: bool = False) -> None:
+        """stats() to BAT_VLLM_STATS_FILE (atomically; at most twice a second, and whenever the table empties)."""
+        now = time.monotonic()
+        if not self.stats_file or (not force and now - self._stats_written < 0.5):
+            return
+        self._stats_written, self._stats_changed = now, False
+        try:
+            partial = f"{self.stats_file}.{os.getpid()}.partial"
+            with open(partial, "w") as handle:
+                json.dump(self.stats(), handle)
+            os.replace(partial, self.stats_file)
+        except OSError as exc:
+            logger.warning("BAT could not write its statistics to %s (%s); it stops trying", self.stats_file, exc)
+            self.stats_file = None
+
+    # ------------------------------------------------------------------ the step
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if not self.requests:
             return logits  # requests without BAT cost nothing
         start = time.perf_counter()
         try:
             return self._apply(logits)
+        except Exception as exc:  # noqa: BLE001 - the last line of defence: BAT rows keep their argmax, the engine goes on
+            logger.exception("BAT failed for a whole step (%s); its BAT rows keep their most probable token", exc)
+            self._count("failed_steps")
+            return self._keep_argmax(logits, sorted(self.requests))
         finally:
-            self.apply_seconds += time.perf_counter() - start
+            seconds = time.perf_counter() - start
+            self.apply_seconds += seconds
+            self.step_times.add(max(start - self._step_started, 0.0), seconds)
 
     def _apply(self, logits: torch.Tensor) -> torch.Tensor:
         rows = sorted(self.requests)
-        raw = logits[rows].float().cpu().numpy()
-        if not self._span_checked:
-            residual = self.basis.span_residual(raw[0])
-            if not residual < self.span_tolerance:
-                raise BatError(
-                    f"the engine's logits are not explained by the output matrix of {self.model} (relative "
-                    f"residual {residual:.2g} > {self.span_tolerance}): BAT refuses to sample on them"
-                )
-            self._span_checked = True
-            if logits.is_cuda and self.matvec_policy == "auto":
-                self._product_on(logits.device)
-            self._start_row_threads(logits.is_cuda)
+        if self.refusal is None:
+            raw = logits[rows].float().cpu().numpy()
+            if not self._span_checked:
+                self._check_span(raw, logits)
+        if self.refusal is not None:
+            for state in self.requests.values():
+                if state.sampler is not None:  # started before BAT was refused for this engine
+                    state.sampler = None
+                    self._count("refused")
+            return self._keep_argmax(logits, rows)
 
         def decide_row(k: int) -> np.ndarray:
             state = self.requests[rows[k]]
             try:
                 return self._allowed_tokens(state, raw[k])
-            except Exception as exc:  # one request's failure must not fail the step of every other request
+            except Exception as exc:  # noqa: BLE001 - one request's failure must not fail the step of every other request
                 return self._after_failure(state, raw[k], exc)
 
         decided: dict[int, np.ndarray] = {}
@@ -294,13 +328,41 @@ class BatLogitsProcessor(LogitsProcessor):
             if len(threaded) > 1:
                 decided = dict(zip(threaded, self._row_pool.map(decide_row, threaded)))
         keep_rows = [decided[k] if k in decided else decide_row(k) for k in range(len(rows))]
-        # three tensor operations for the whole batch, whatever the number of rows
+        return self._keep(logits, rows, keep_rows)
+
+    @staticmethod
+    def _keep(logits: torch.Tensor, rows: list[int], keep_rows: list[np.ndarray]) -> torch.Tensor:
+        """-inf everywhere in `rows` but the kept token ids: three tensor operations, whatever the row count."""
         row_ids = torch.as_tensor(np.repeat(rows, [len(keep) for keep in keep_rows]), device=logits.device)
         token_ids = torch.as_tensor(np.concatenate(keep_rows), device=logits.device)
         kept = logits[row_ids, token_ids]
         logits[torch.as_tensor(rows, device=logits.device)] = float("-inf")
         logits[row_ids, token_ids] = kept
         return logits
+
+    def _keep_argmax(self, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """Fail closed for whole rows: each keeps its most probable token of the vocabulary (never a padding column)."""
+        top = torch.argmax(torch.nan_to_num(logits[rows, : self.vocab_size].float(), nan=-float("inf")), dim=1)
+        return self._keep(logits, rows, [np.array([t]) for t in top.cpu().numpy()])
+
+    def _check_span(self, raw: np.ndarray, logits: torch.Tensor) -> None:
+        """At the first BAT step: the engine's logits must lie in the span of [W, 1] (else BAT is refused for the
+        engine); then the GPU product and the row threads are set up."""
+        try:
+            residual = self.basis.span_residual(raw[0])
+            if not residual < self.span_tolerance:
+                raise BatError(
+                    f"the engine's logits are not explained by the output matrix of {self.model} (relative residual "
+                    f"{residual:.2g} > {self.span_tolerance}): a wrong or transformed matrix (a soft-cap or scaling the "
+                    "model's config does not declare); BAT refuses to sample on them"
+                )
+        except Exception as exc:  # noqa: BLE001 - a model BAT cannot serve costs its BAT requests, never the engine
+            self._refuse(exc)
+            return
+        self._span_checked = True
+        if logits.is_cuda and self.matvec_policy == "auto":
+            self._product_on(logits.device)
+        self._start_row_threads(logits.is_cuda)
 
     def _start_row_threads(self, gpu_logits: bool) -> None:
         """With the logits on a GPU the host's cores are free while BAT decides: the rows (requests) are
@@ -324,15 +386,29 @@ class BatLogitsProcessor(LogitsProcessor):
 
     def _allowed_tokens(self, state: RequestState, z: np.ndarray) -> np.ndarray:
         """The token ids this request may sample at this step (one id in sample mode)."""
-        if state.mode == "threshold":
-            p, tau = state.sampler.rule.probabilities_and_tau(z[: self.vocab_size])
-            return np.flatnonzero(bat_core.truncate_mask(p, tau))
-        if state.mode == "sample":
-            result = state.sampler.sample(z)
-            if self.record_dir and result.below_tau and not result.fell_back_to_argmax:
-                self._record(z, result)
-            return np.array([result.token])
-        return np.flatnonzero(state.sampler.mask(z).mask)
+        if state.sampler is None:
+            return self._argmax(z)
+        step = len(state.output)
+        if step == state.last_step:
+            state.redone += 1
+        state.last_step = step
+        start = time.perf_counter()
+        try:
+            if state.mode == "threshold":
+                p, tau = state.sampler.rule.probabilities_and_tau(z[: self.vocab_size])
+                return np.flatnonzero(bat_core.truncate_mask(p, tau))
+            if state.mode == "sample":
+                result = state.sampler.sample(z, step=step)
+                if self.record_dir and result.below_tau and not result.fell_back_to_argmax:
+                    self._record(z, result)
+                return np.array([result.token])
+            return np.flatnonzero(state.sampler.mask(z, step=step).mask)
+        finally:
+            state.bat_seconds += time.perf_counter() - start
+
+    def _argmax(self, z: np.ndarray) -> np.ndarray:
+        finite = np.where(np.isfinite(z[: self.vocab_size]), z[: self.vocab_size], -np.inf)
+        return np.array([int(np.argmax(finite))])
 
     def _after_failure(self, state: RequestState, z: np.ndarray, exc: Exception) -> np.ndarray:
         """A request whose BAT step raised keeps only its most probable token (the one token BAT always
@@ -341,8 +417,7 @@ class BatLogitsProcessor(LogitsProcessor):
         if state.errors == 1:
             logger.warning("BAT failed on one request (%s: %s); it keeps only its most probable token at "
                            "each step that fails, the other requests are not affected", type(exc).__name__, exc)
-        finite = np.where(np.isfinite(z[: self.vocab_size]), z[: self.vocab_size], -np.inf)
-        return np.array([int(np.argmax(finite))])
+        return self._argmax(z)
 
     def _record(self, z: np.ndarray, result: bat_core.SampleResult) -> None:
         cert = result.decisions[-1].certificate
