@@ -80,3 +80,16 @@ def truncate_mask(probs: np.ndarray, tau: np.ndarray | float) -> np.ndarray:
     top = np.argmax(p, axis=-1)
     np.put_along_axis(keep, np.asarray(top)[..., None] if p.ndim > 1 else np.array([top]), True, axis=-1)
     return keep
+
+
+def rule_from(eta: float | None = None, epsilon: float | None = None, tau: float | None = None) -> ThresholdRule:
+    """Exactly one of eta / epsilon / tau (default: eta with eps = 0.0009)."""
+    given = {k: v for k, v in (("eta", eta), ("epsilon", epsilon), ("tau", tau)) if v is not None}
+    if len(given) > 1:
+        raise BatError(f"give one threshold rule, not {sorted(given)}: eta=, epsilon= or tau=")
+    kind, value = next(iter(given.items())) if given else ("eta", 0.0009)
+    try:
+        value = float(value)
+    except (TypeError, ValueError) as exc:
+        raise BatError(f"{kind}={value!r} is not a number") from exc
+    return ThresholdRule(kind, value)

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 import bat_core
-from bat_core import BatError, ThresholdRule
+from bat_core import BatError, ThresholdRule, rule_from
 
 from .gguf_weights import read_output_layer
 
@@ -64,19 +64,6 @@ def basis_for_file(path: str) -> bat_core.Basis:
             layer = read_output_layer(path)
             _bases[key] = bat_core.Basis(layer.W, bias=layer.bias, softcap=layer.softcap)
         return _bases[key]
-
-
-def rule_from(eta: float | None = None, epsilon: float | None = None, tau: float | None = None) -> ThresholdRule:
-    """Exactly one of eta / epsilon / tau (default: eta with eps = 0.0009)."""
-    given = {k: v for k, v in (("eta", eta), ("epsilon", epsilon), ("tau", tau)) if v is not None}
-    if len(given) > 1:
-        raise BatError(f"give one threshold rule, not {sorted(given)}: eta=, epsilon= or tau=")
-    kind, value = next(iter(given.items())) if given else ("eta", 0.0009)
-    try:
-        value = float(value)
-    except (TypeError, ValueError) as exc:
-        raise BatError(f"{kind}={value!r} is not a number") from exc
-    return ThresholdRule(kind, value)
 
 
 @dataclass
