@@ -198,7 +198,7 @@ def bat_router(slot: ModelSlot) -> APIRouter:
             settings = settings_of(await request.json())
             processor = slot.processor(settings)
             kwargs = generation_kwargs(body, processor, chat)
-        except BatError as exc:
+        except ValueError as exc:  # BatError, or llama.cpp refusing the grammar
             return error_response(exc, generating=False)
         slot.count("bat", settings is not None)
         if not chat:
