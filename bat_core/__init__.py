@@ -12,7 +12,7 @@ from .basis import Basis
 from .errors import BatError
 from .reference import ReferenceDecision, reference_decide
 from .sampler import BatSampler, MaskResult, SampleResult
-from .solver import AcceptCertificate, BatConfig, BatSolver, BatStats, Decision, RejectCertificate
+from .solver import GENERATION_TIME_BUDGET, AcceptCertificate, BatConfig, BatSolver, BatStats, Decision, RejectCertificate
 from .threads import limit_blas_threads, set_matvec_threads
 from .thresholds import ThresholdRule, entropy, eta_threshold, rule_from, truncate_mask
 
@@ -24,7 +24,7 @@ def decide(W: Any, logits: Any, token_ids: Any, tau: float, bias: Any = None) ->
 
 
 __all__ = [
-    "AcceptCertificate", "Basis", "BatConfig", "BatError", "BatSampler", "BatSolver", "BatStats",
+    "GENERATION_TIME_BUDGET", "AcceptCertificate", "Basis", "BatConfig", "BatError", "BatSampler", "BatSolver", "BatStats",
     "Decision", "MaskResult", "ReferenceDecision", "RejectCertificate", "SampleResult", "ThresholdRule",
     "decide", "entropy", "eta_threshold", "limit_blas_threads", "reference_decide", "rule_from", "set_matvec_threads",
     "truncate_mask",

@@ -12,7 +12,7 @@ bound they crossed and re-solves the rest, a few rounds. On real SmolLM2 candida
 warm-started simplex could not decide in 2 s (it needs 15-30 s), it found a point in 0.05-0.09 s for
 7 of 8 with K = 2048; the rest of such rejects need K = 4096-8192 (0.1-0.3 s).
 
-**Accept** (`regression_certificate`). Token i is accepted when some c = A y with c_i = 1 has
+**Accept** (`RegressionSearch`). Token i is accepted when some c = A y with c_i = 1 has
 sum_{j != i} p_j rho(c_j) < p_i. Iteratively reweighted least squares writes that cost as
 sum_j v_j c_j^2 with v_j = p_j slope(c_j) / |c_j| and re-solves H y = a_i (H = sum v_j a_j a_j'),
 while the tokens outside K that the current y charges most (p_j rho(c_j), from one float32 product
@@ -114,53 +114,72 @@ def _checked_point(token: int, p_i: float, tokens: np.ndarray, A: np.ndarray, q:
     return np.append(tokens[support], token), np.append(q[support], -p_i), residual_l1
 
 
-def regression_certificate(
-    working: WorkingSet, token: int, tol: float, iterations: int, grow: int, max_columns: int, deadline: float
-) -> tuple[np.ndarray, float] | None:
-    """An accept certificate (y, value) for `token`, proven over the whole vocabulary, or None."""
-    step = working.step
-    basis, p_all, tprime, d = step.basis, step.p, step.tprime, step.basis.hidden_size
-    a_i = step.augmented_rows(np.array([token]))[0]
-    limit = tol * float(np.abs(a_i).sum())
-    tokens, A, p, H = working.without(token)
-    in_set = np.zeros(len(p_all), dtype=bool)
-    in_set[tokens] = in_set[token] = True
-    for _ in range(iterations):
-        if time.perf_counter() >= deadline:
-            return None
+class RegressionSearch:
+    """Reweighted least squares with column generation for one token, resumable: `run(n)` makes up to n more
+    iterations and returns (y, value), an accept certificate proven over the whole vocabulary, or None. The
+    solver interleaves it with the feasible-point search on larger working sets (a hard accept needs
+    the regression, a hard reject the larger point search, and neither is known in advance)."""
+
+    def __init__(self, working: WorkingSet, token: int, tol: float, grow: int, max_columns: int) -> None:
+        step = working.step
+        self.step, self.token, self.grow, self.max_columns = step, token, grow, max_columns
+        self.a_i = step.augmented_rows(np.array([token]))[0]
+        self.limit = tol * float(np.abs(self.a_i).sum())
+        self.tokens, self.A, self.p, self.H = working.without(token)
+        self.in_set = np.zeros(len(step.p), dtype=bool)
+        self.in_set[self.tokens] = self.in_set[token] = True
+        self.iterations = 0
+        self.failed = False  # a degenerate system: no later iteration can do better
+
+    def run(self, iterations: int, deadline: float) -> tuple[np.ndarray, float] | None:
+        for _ in range(iterations):
+            if self.failed or time.perf_counter() >= deadline:
+                return None
+            self.iterations += 1
+            found = self._iterate()
+            if found is not None:
+                return found
+        return None
+
+    def _iterate(self) -> tuple[np.ndarray, float] | None:
+        step, a_i, H = self.step, self.a_i, self.H
+        basis, d = step.basis, step.basis.hidden_size
         H[np.diag_indices_from(H)] += 1e-12 * np.trace(H) / len(H)  # keeps H invertible; y is only a candidate
         try:
             z = np.linalg.solve(H, a_i)
         except np.linalg.LinAlgError:
+            self.failed = True
             return None
         y = z / (a_i @ z)  # c_i = 1
         if not np.isfinite(y).all():
-            return None  # a degenerate system (a_i . z = 0): nothing to prove with
+            self.failed = True  # a degenerate system (a_i . z = 0): nothing to prove with
+            return None
         # one product over the vocabulary per iterate: it proves (the candidates are +y and -y with other
         # constants, so -u32 is the product of -y) and it picks the tokens that join the set
         u32 = None
-        candidates = step.with_best_offsets(y[:, None], token)  # columns +y, -y
-        ranking = step.head_values(candidates, token)
+        candidates = step.with_best_offsets(y[:, None], self.token)  # columns +y, -y
+        ranking = step.head_values(candidates, self.token)
         best = int(np.argmax(ranking))
-        if ranking[best] > limit:  # the tail only lowers the value: otherwise no product can prove it
+        if ranking[best] > self.limit:  # the tail only lowers the value: otherwise no product can prove it
             u32 = basis.matvec(y[:d])
-            value = step.full_value(candidates[:, best], token, u32=u32 if best == 0 else -u32)
-            if value > limit:
+            value = step.full_value(candidates[:, best], self.token, u32=u32 if best == 0 else -u32)
+            if value > self.limit:
                 return candidates[:, best].copy(), value
-        if len(tokens) < max_columns:  # the tokens outside the set that y charges most join it
+        if len(self.tokens) < self.max_columns:  # the tokens outside the set that y charges most join it
             c = (basis.matvec(y[:d]) if u32 is None else u32).astype(np.float64)
             if step.scale is not None:
                 c *= step.scale
-            cost = p_all * rho(c + y[d], tprime)
-            cost[in_set] = -1.0
-            k = min(grow, max_columns - len(tokens), int((cost > 0).sum()))
+            cost = step.p * rho(c + y[d], step.tprime)
+            cost[self.in_set] = -1.0
+            k = min(self.grow, self.max_columns - len(self.tokens), int((cost > 0).sum()))
             if k > 0:
                 add = np.argpartition(-cost, k - 1)[:k]
-                in_set[add] = True
-                tokens, A = np.concatenate([tokens, add]), np.vstack([A, step.augmented_rows(add)])
-                p = p_all[tokens]
-        c = A @ y
+                self.in_set[add] = True
+                self.tokens = np.concatenate([self.tokens, add])
+                self.A = np.vstack([self.A, step.augmented_rows(add)])
+                self.p = step.p[self.tokens]
+        c = self.A @ y
         floor = 1e-3 * float(np.median(np.abs(c))) + 1e-300
-        v = p * np.where(c > 0, tprime, 1.0) / np.maximum(np.abs(c), floor)
-        H = weighted_gram(A, v)
-    return None
+        v = self.p * np.where(c > 0, step.tprime, 1.0) / np.maximum(np.abs(c), floor)
+        self.H = weighted_gram(self.A, v)
+        return None

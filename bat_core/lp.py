@@ -119,8 +119,10 @@ class RequestLP:
         deadline: float,
         max_rounds: int = 8,
         grow: int = 512,
+        iterations: int = 10**7,
     ) -> LPOutcome:
-        """Decide one candidate exactly (column generation until proven or out of budget)."""
+        """Decide one candidate exactly (column generation until proven or out of budget): at most
+        `iterations` dual simplex iterations in all (the deterministic budget), `deadline` the clock's."""
         if step.scale is not None and self.scaled_step != step_id:
             self._reset()  # soft-capped columns depend on the step's logits
             self.scaled_step = step_id
@@ -145,14 +147,20 @@ class RequestLP:
             active = np.isin(toks, working)
             ratio = np.where(active, step.p[toks] / p_i, 0.0)
             h.changeColsBounds(len(cols), cols, -ratio, step.tprime * ratio)
+            if outcome.iterations >= iterations:
+                outcome.reason = "work budget"
+                return outcome
             h.setOptionValue("time_limit", h.getRunTime() + max(remaining, 1e-3))  # HiGHS counts from its creation
+            h.setOptionValue("simplex_iteration_limit", int(iterations - outcome.iterations))  # per run
             h.run()
             outcome.solves += 1
             outcome.rounds = round_ + 1
             info = h.getInfo()
             outcome.iterations += int(info.simplex_iteration_count)
-            if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
-                outcome.reason = h.modelStatusToString(h.getModelStatus())
+            status = h.getModelStatus()
+            if status != highspy.HighsModelStatus.kOptimal:
+                outcome.reason = {highspy.HighsModelStatus.kIterationLimit: "work budget",
+                                  highspy.HighsModelStatus.kTimeLimit: "time budget"}.get(status, h.modelStatusToString(status))
                 return outcome
             delta = float(info.objective_function_value) / a_norm
             solution = h.getSolution()

@@ -3,8 +3,9 @@
 The same keys in vLLM (`extra_args`, `vllm_xargs`) and in `bat serve` (top-level body fields or
 `vllm_xargs`), so one client works against both: exactly one of `bat_eta`, `bat_epsilon`, `bat_tau`;
 optional `bat_mode` ("sample", "mask", or "threshold": the plain rule without BAT), `bat_seed`, and
-`bat_time_budget` (seconds per decision for the exact path's later stages, at most the operator's
-BAT_MAX_TIME_BUDGET; 0: certificate search only). Values may arrive as strings (HTTP forms).
+`bat_time_budget` (seconds per decision: the safety net's clock, as the exact path stops at its work
+budgets first; default GENERATION_TIME_BUDGET, at most the operator's BAT_MAX_TIME_BUDGET; 0: certificate
+search only). Values may arrive as strings (HTTP forms).
 """
 from __future__ import annotations
 
@@ -14,12 +15,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import BatError
+from .solver import GENERATION_TIME_BUDGET
 from .thresholds import ThresholdRule
 
 RULE_KEYS = {"bat_eta": "eta", "bat_epsilon": "epsilon", "bat_tau": "tau"}
 SETTING_KEYS = frozenset(RULE_KEYS) | {"bat_mode", "bat_seed", "bat_time_budget"}
 REQUEST_MODES = ("sample", "mask", "threshold")  # threshold: the plain rule without BAT (a baseline)
-DEFAULT_MAX_TIME_BUDGET = 0.1  # seconds per decision a request may ask for, unless the operator says otherwise
+DEFAULT_MAX_TIME_BUDGET = 10.0  # seconds per decision a request may ask for, unless the operator says otherwise
 
 
 @dataclass(frozen=True)
@@ -77,8 +79,11 @@ def request_settings(extra: Mapping[str, Any] | None, default_seed: Any = None) 
             raise BatError(f"bat_seed={seed!r} is not an integer") from exc
         if seed < 0:
             raise BatError(f"bat_seed={seed} must be a non-negative integer")
-    budget = _number(extra, "bat_time_budget", "a number of seconds") if "bat_time_budget" in extra else 0.0
     limit = max_time_budget()
+    if "bat_time_budget" in extra:
+        budget = _number(extra, "bat_time_budget", "a number of seconds")
+    else:  # the exact default, within the operator's bound (0 there: certificate search only)
+        budget = min(GENERATION_TIME_BUDGET, limit)
     if not 0.0 <= budget <= limit:
         raise BatError(f"bat_time_budget={budget} must lie in [0, {limit}] seconds: this server's limit "
                        "(BAT_MAX_TIME_BUDGET); 0 is the certificate search only")

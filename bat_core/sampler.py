@@ -109,7 +109,7 @@ class BatSampler:
         config: BatConfig | None = None,
         max_rejections: int = 10,
         mask_candidates: int = 4,
-        mask_budget: float = 1.0,
+        mask_budget: float | None = None,
     ) -> None:
         if not isinstance(rule, ThresholdRule):
             raise BatError("rule must be a ThresholdRule, e.g. ThresholdRule('eta', 0.0009)")
@@ -117,8 +117,8 @@ class BatSampler:
             raise BatError(f"max_rejections={max_rejections} must be >= 0")
         if mask_candidates < 0:
             raise BatError(f"mask_candidates={mask_candidates} must be >= 0")
-        if not mask_budget > 0:
-            raise BatError(f"mask_budget={mask_budget} must be a positive number of seconds")
+        if mask_budget is not None and not mask_budget > 0:
+            raise BatError(f"mask_budget={mask_budget} must be a positive number of seconds (None: the default)")
         self.basis = basis
         self.rule = rule
         self.solver = BatSolver(basis, config)
@@ -126,7 +126,8 @@ class BatSampler:
         self._seed_sequence = np.random.SeedSequence(seed)  # seed None: fresh entropy, drawn once
         self.max_rejections = max_rejections
         self.mask_candidates = mask_candidates
-        self.mask_budget = mask_budget
+        # the clock of a mask step, a safety net like the decisions' own: room for each candidate's clock
+        self.mask_budget = mask_budget if mask_budget is not None else max(1.0, mask_candidates * self.solver.config.time_budget)
 
     @property
     def stats(self):

@@ -29,10 +29,13 @@ import numpy as np
 from .basis import Basis
 from .certify import Step
 from .errors import BatError
-from .feasible import WorkingSet, feasible_point, regression_certificate
+from .feasible import RegressionSearch, WorkingSet, feasible_point
 from .lp import RequestLP
 from .search import WeightedLeastSquares
 from .thresholds import ThresholdRule
+
+
+GENERATION_TIME_BUDGET = 10.0  # the adapters' clock per decision (a safety net: the work budgets end decisions first)
 
 
 @dataclass
@@ -40,7 +43,11 @@ class BatConfig:
     """Knobs of the decision engine. Defaults suit a 2-core CPU and vocabularies of 50k-260k tokens."""
 
     tol: float = 1e-6  # relative infeasibility at or below which a decision counts as reject
-    time_budget: float = 2.0  # seconds per decision for the LP stages; 0 = certificate search only (deterministic)
+    # seconds per decision: only a safety net, as the work budgets below end a decision first; when it fires the
+    # decision is a counted fallback ("time budget") and a seed's text may depend on the machine's load.
+    # 0 = certificate search only (no proof search, no LP)
+    time_budget: float = 2.0
+    lp_iterations: int = 500  # dual simplex iterations per decision over all its LPs: the LPs' deterministic budget
     head_size: int = 1024  # tokens whose products are computed exactly in float64
     # most probable tokens whose products a certificate check makes before the whole vocabulary, in stages (opt-in:
     # off by default, as gathering the rows of a third of the vocabulary from memory took as long as the
@@ -59,7 +66,8 @@ class BatConfig:
     lp_max_rounds: int = 12  # column-generation rounds before a fallback
     point_columns: tuple[int, ...] = (2048, 8192)  # working sets of the feasible-point search, tried in turn (the first also starts the regression)
     point_rounds: int = 16  # clip-and-re-solve rounds of that search (0 turns it off; 8 missed one of 35 hard candidates)
-    regression_iterations: int = 20  # reweighted least-squares iterations with column generation (0: off)
+    regression_iterations: int = 32  # reweighted least-squares iterations with column generation (0: off; 20 left one of 15 hard fixtures)
+    regression_first: int = 4  # of those, the ones before the feasible-point search on the larger working sets
     regression_grow: int = 512  # tokens joining its working set per iteration
     regression_columns: int = 12288  # its largest working set
     cache_size: int = 4  # recent certificates re-tried before the LPs and in mask mode (16 found no more on SmolLM2)
@@ -67,12 +75,14 @@ class BatConfig:
     min_probability: float = 1e-10  # below this, float64 cannot verify a certificate: reject
 
     @classmethod
-    def for_generation(cls, time_budget: float = 0.0, **overrides: Any) -> "BatConfig":
-        """The adapters' setting while generating: certificate search only by default (no clock in a
-        decision, so a seed reproduces the text) and no reweighted pass (measured in llama.cpp: 0.2 ms
-        more per token and no extra accept on 44 sub-threshold draws), so that BAT keeps ~0.9x of
-        plain eta's throughput. Exactness-minded callers raise the budget or pass their own config."""
-        return cls(time_budget=time_budget, **{"lsq_refine": 0, **overrides})
+    def for_generation(cls, time_budget: float | None = None, **overrides: Any) -> "BatConfig":
+        """The adapters' setting while generating: the exact path with its work budgets, and the clock of
+        GENERATION_TIME_BUDGET seconds per decision as the safety net (`time_budget`; 0: certificate
+        search only, the cheapest setting, which leaves a third of the sub-threshold draws unproven)."""
+        budget = GENERATION_TIME_BUDGET if time_budget is None else time_budget
+        if budget == 0:  # the certificate search alone stays as it was measured: no reweighted pass
+            overrides = {"lsq_refine": 0, **overrides}
+        return cls(time_budget=budget, **overrides)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.min_probability < 1e-3:
@@ -84,7 +94,9 @@ class BatConfig:
         if not 0 <= int(self.lsq_refine) <= 50:
             raise BatError(f"lsq_refine={self.lsq_refine} must be an integer in [0, 50]")
         if not self.time_budget >= 0:
-            raise BatError(f"time_budget={self.time_budget} must be a number of seconds >= 0 (0: no LP stages)")
+            raise BatError(f"time_budget={self.time_budget} must be a number of seconds >= 0 (0: certificate search only)")
+        if not 0 <= int(self.lp_iterations) <= 10**7:
+            raise BatError(f"lp_iterations={self.lp_iterations} must be an integer in [0, 10^7] (0: no LP stages)")
         self.search_levels = tuple(int(k) for k in self.search_levels)
         if any(k < 1 for k in self.search_levels):
             raise BatError(f"search_levels={self.search_levels} must be positive numbers of directions")
@@ -180,7 +192,8 @@ class BatSolver:
         self._lsq: WeightedLeastSquares | None = None
         self._working: dict[int, WorkingSet] = {}
         self._parent_step: tuple[Step, Step] | None = None  # (step, the same distribution on the full W)
-        self._deadline = 0.0
+        self._deadline = 0.0  # the safety net's clock for the decision in progress
+        self._iterations_left: dict[int, int] = {}  # its candidates' simplex iterations left (the work budget)
 
     # ------------------------------------------------------------------ steps
     def new_step(self, logits: Any, tau: Any) -> Step:
@@ -307,56 +320,78 @@ class BatSolver:
             refined = search.refined_directions(pending, cfg.lsq_refine)
             if refined.shape[1]:
                 pending = self._accept_found(step, pending, refined, ["reweighted"] * refined.shape[1], out)
-        # 2. before any LP, the request's recent certificates (from earlier LPs, steps and candidates). Only
-        #    here: ranked with the least-squares directions on every decision they cost 17% of the time
-        #    and proved no token that those did not (720 real SmolLM2 candidates, eta 0.0009 and tau 0.1)
-        if len(pending) and self._cache and time.perf_counter() < self._deadline:
+        if not len(pending) or cfg.time_budget == 0:
+            return {**out, **{int(t): self._fallback(int(t), "certificate search only") for t in pending}}
+        self._iterations_left = {int(t): int(cfg.lp_iterations) for t in pending}
+        # 2. the request's recent certificates (from earlier LPs, steps and candidates). Only here: ranked with
+        #    the least-squares directions on every decision they cost time and proved nothing more (docs/core.md)
+        if self._cache and self._clock_left():
             pending = self._accept_found(step, pending, np.column_stack(self._cache), ["cache"] * len(self._cache), out)
-        # 3. proofs by least squares over the top of the distribution: the hard candidates need 6-30 s of simplex
-        if len(pending) and time.perf_counter() < self._deadline:
+        # 3. proofs by least squares over the top of the distribution (feasible.py), bounded by rounds
+        if len(pending) and self._clock_left():
             pending = self._least_squares_proofs(step, pending, out)
         # 4. exact LPs of the problem reduced to the top-k singular directions of W, k growing: a relaxation,
         #    so only their accept certificates count (proven again on the full problem)
         for k in cfg.search_levels:
-            if not len(pending) or k >= self.basis.hidden_size or time.perf_counter() >= self._deadline:
+            if not len(pending) or k >= self.basis.hidden_size or not self._clock_left():
                 break
             Y = self._search_directions(step, pending, k)
             if Y is not None:
                 pending = self._accept_found(step, pending, Y, [f"search-{k}"] * Y.shape[1], out)
-        # 5. the exact LP, candidate by candidate, under the time budget
+        # 5. the exact LP, candidate by candidate, under the work budget
         for t in pending:
             out[int(t)] = self._exact(step, int(t))
         return out
 
+    def _clock_left(self) -> bool:
+        """Whether the safety net's clock still allows work on this decision."""
+        return time.perf_counter() < self._deadline
+
     def _least_squares_proofs(self, step: Step, pending: np.ndarray, out: dict) -> np.ndarray:
-        """Record what feasible.py proves, token by token: a feasible point (reject) on growing working sets,
-        then reweighted least squares (accept); return the tokens still pending."""
+        """Record what feasible.py proves, token by token, cheapest first: a feasible point (reject) on the
+        first working set, a few rounds of reweighted least squares with column generation (accept), feasible
+        points on the larger working sets, then the regression's other rounds; return the tokens still pending."""
         cfg = self.config
         left = []
         for t in (int(t) for t in pending):
-            decision = None
-            for columns in cfg.point_columns if cfg.point_rounds else ():
-                if time.perf_counter() >= self._deadline:
-                    break
-                found = feasible_point(self._working_set(step, columns), t, cfg.tol, cfg.point_rounds)
-                if found is not None:
-                    point = RejectCertificate(t, *found)
-                    self._rejects.append(point)
-                    self.stats.rejected_by_point += 1
-                    decision = Decision(t, False, "certificate", point)
-                    break
-            if decision is None and cfg.regression_iterations and time.perf_counter() < self._deadline:
-                found = regression_certificate(
-                    self._working_set(step, cfg.point_columns[0]), t, cfg.tol, cfg.regression_iterations, cfg.regression_grow, cfg.regression_columns, self._deadline)
-                if found is not None:
-                    self._remember(found[0])
-                    self.stats.accepts_by_source["regression"] = self.stats.accepts_by_source.get("regression", 0) + 1
-                    decision = Decision(t, True, "certificate", AcceptCertificate(t, *found))
+            sizes = list(cfg.point_columns) if cfg.point_rounds else []
+            decision = self._feasible_point(step, t, sizes[:1])
+            regression = None
+            if decision is None and cfg.regression_iterations:
+                regression = RegressionSearch(self._working_set(step, cfg.point_columns[0]), t, cfg.tol,
+                                              cfg.regression_grow, cfg.regression_columns)
+                decision = self._regression(regression, min(cfg.regression_first, cfg.regression_iterations))
+            if decision is None:
+                decision = self._feasible_point(step, t, sizes[1:])
+            if decision is None and regression is not None:
+                decision = self._regression(regression, cfg.regression_iterations - regression.iterations)
             if decision is None:
                 left.append(t)
             else:
                 out[t] = decision
         return np.array(left, dtype=np.int64)
+
+    def _regression(self, search: RegressionSearch, iterations: int) -> Decision | None:
+        """An accept by `iterations` more rounds of the reweighted regression, or None."""
+        found = search.run(iterations, self._deadline)
+        if found is None:
+            return None
+        self._remember(found[0])
+        self.stats.accepts_by_source["regression"] = self.stats.accepts_by_source.get("regression", 0) + 1
+        return Decision(search.token, True, "certificate", AcceptCertificate(search.token, *found))
+
+    def _feasible_point(self, step: Step, token: int, sizes: list[int]) -> Decision | None:
+        """A reject by a feasible point on the working sets of `sizes` tokens in turn, or None."""
+        for columns in sizes:
+            if not self._clock_left():
+                return None
+            found = feasible_point(self._working_set(step, columns), token, self.config.tol, self.config.point_rounds)
+            if found is not None:
+                point = RejectCertificate(token, *found)
+                self._rejects.append(point)
+                self.stats.rejected_by_point += 1
+                return Decision(token, False, "certificate", point)
+        return None
 
     def _working_set(self, step: Step, columns: int) -> WorkingSet:
         """The step's working set of `columns` tokens, built once per step (shared by the searches)."""
@@ -423,13 +458,16 @@ class BatSolver:
         lp = self._search_lps[k]
         directions = self.basis.singular_directions(k)
         columns = []
-        for t in pending:
-            if time.perf_counter() >= self._deadline:
+        for t in (int(t) for t in pending):
+            if not self._clock_left():
                 break
+            if self._iterations_left[t] <= 0:
+                continue
             outcome = lp.solve(
-                small, self._step_id, int(t), step.head[: cfg.search_columns], cfg.tol, self._deadline,
-                max_rounds=cfg.search_rounds,
+                small, self._step_id, t, step.head[: cfg.search_columns], cfg.tol, self._deadline,
+                max_rounds=cfg.search_rounds, iterations=self._iterations_left[t],
             )
+            self._iterations_left[t] -= outcome.iterations
             self.stats.lp_solves += outcome.solves
             self.stats.lp_iterations += outcome.iterations
             if outcome.accepted:
@@ -438,15 +476,15 @@ class BatSolver:
 
     def _exact(self, step: Step, token: int) -> Decision:
         cfg = self.config
-        if self.config.time_budget == 0:
-            return self._fallback(token, "certificate search only")
-        if time.perf_counter() >= self._deadline:
+        if not self._clock_left():
             return self._fallback(token, "time budget")
+        if self._iterations_left[token] <= 0:
+            return self._fallback(token, "work budget")
         if self._lp is None:
             self._lp = RequestLP(self.basis.hidden_size, max_columns=max(4096, 4 * cfg.lp_columns))
         outcome = self._lp.solve(
             step, self._step_id, token, step.head[: cfg.lp_columns], cfg.tol, self._deadline,
-            max_rounds=cfg.lp_max_rounds, grow=cfg.lp_grow,
+            max_rounds=cfg.lp_max_rounds, grow=cfg.lp_grow, iterations=self._iterations_left[token],
         )
         self.stats.lp_solves += outcome.solves
         self.stats.lp_rounds += outcome.rounds

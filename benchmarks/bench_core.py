@@ -2,10 +2,12 @@
 
     python benchmarks/bench_core.py --model smollm2 --candidates 200 --reference 20
 
-For each setting (eta eps=0.0009; fixed tau=0.1) it draws sub-threshold candidates as the sampler meets
-them (from p_hat restricted to p < tau) on trajectories sampled from the model in llama.cpp, decides
-them with the fast path (one BatSolver per trajectory, warm across steps, as a request would), and
-decides the first --reference of them with the dense reference LP. Prints a table, writes JSON.
+For each setting (eta eps=0.0009 and 0.02; fixed tau=0.1) it draws sub-threshold candidates as the
+sampler meets them (from p_hat restricted to p < tau) and tail candidates (p in [1e-6, tau/10], drawn in
+proportion to p) on trajectories sampled from the model in llama.cpp, decides them with the adapters'
+exact default (BatConfig.for_generation: one BatSolver per trajectory, warm across steps, as a request
+would) and with certificate search alone, and decides the first --reference sampler candidates with the
+dense reference LP. Prints a table, writes JSON.
 """
 from __future__ import annotations
 
@@ -35,7 +37,8 @@ PROMPTS = [
 
 
 def settings():
-    return {"eta_0.0009": bat_core.ThresholdRule("eta", 0.0009), "tau_0.1": bat_core.ThresholdRule("tau", 0.1)}
+    return {"eta_0.0009": bat_core.ThresholdRule("eta", 0.0009), "eta_0.02": bat_core.ThresholdRule("eta", 0.02),
+            "tau_0.1": bat_core.ThresholdRule("tau", 0.1)}
 
 
 def model_path(name: str) -> str:
@@ -44,6 +47,45 @@ def model_path(name: str) -> str:
 
 def percentile(values, q):
     return float(np.percentile(values, q)) if len(values) else float("nan")
+
+
+def candidate_draws(step, rng: np.random.Generator) -> tuple[int | None, int | None]:
+    """A sub-threshold token as the sampler meets it (p restricted to p < tau, the argmax left out), and a
+    tail token (p in [1e-6, tau / 10], drawn in proportion to p, as mask mode and large-eps settings meet them)."""
+    p = step.p
+    below = np.flatnonzero(p < step.tau)
+    below = below[below != step.argmax]
+    deep = below[(p[below] < step.tau / 10) & (p[below] >= 1e-6)]
+    return tuple(int(rng.choice(s, p=p[s] / p[s].sum())) if s.size else None for s in (below, deep))
+
+
+def decide_row(solver, cert_solver, reduced_solver, step, z, tau_of, token: int, tail: bool) -> dict:
+    """One candidate decided by the exact path (warm across the trajectory) and by certificate search alone."""
+    products = (solver.stats.near_products, solver.stats.vocabulary_products)
+    start = time.perf_counter()
+    decision = solver.decide(step, [token])[0]
+    row = {"tail": bool(tail), "token": token, "p": float(step.p[token]), "tau": step.tau,
+           "accepted": decision.accepted, "method": decision.method, "seconds": time.perf_counter() - start,
+           "near_products": solver.stats.near_products - products[0],
+           "vocabulary_products": solver.stats.vocabulary_products - products[1]}
+    start = time.perf_counter()
+    cert_only = cert_solver.decide(cert_solver.new_step(z, tau_of), [token])[0]
+    row.update(cert_only_accepted=cert_only.accepted, cert_only_proven=cert_only.method != "fallback",
+               cert_only_seconds=time.perf_counter() - start)
+    if reduced_solver is not None and decision.method != "fallback":
+        start = time.perf_counter()
+        small = reduced_solver.decide(reduced_solver.new_step(z, tau_of), [token])[0]
+        row.update(reduced_accepted=small.accepted, reduced_seconds=time.perf_counter() - start)
+    return row
+
+
+def kind_summary(rows: list[dict]) -> dict:
+    """Median and p99 per decision, and the share left unproven, for the exact path and certificate search."""
+    fast = [r["seconds"] for r in rows]
+    return {"candidates": len(rows), "median_ms": 1e3 * percentile(fast, 50), "p99_ms": 1e3 * percentile(fast, 99),
+            "unproven_pct": 100.0 * sum(r["method"] == "fallback" for r in rows) / max(len(rows), 1),
+            "certificate_only_median_ms": 1e3 * percentile([r["cert_only_seconds"] for r in rows], 50),
+            "certificate_only_unproven_pct": 100.0 * sum(not r["cert_only_proven"] for r in rows) / max(len(rows), 1)}
 
 
 def run(args) -> dict:
@@ -61,42 +103,27 @@ def run(args) -> dict:
     report = {"model": os.path.basename(path), "vocab": basis.vocab_size, "hidden": basis.hidden_size,
               "basis_setup_s": setup_s, "settings": {}}
     rng = np.random.default_rng(args.seed)
-    config = bat_core.BatConfig(time_budget=args.time_budget)
+    config = bat_core.BatConfig.for_generation(args.time_budget)
     report["time_budget_s"] = args.time_budget
     for name, tau_of in settings().items():
         rows = []
         for traj in range(len(PROMPTS)):
             solver = bat_core.BatSolver(basis, config)  # one request per trajectory: warm model, certificate cache
             reduced_solver = bat_core.BatSolver(basis.reduced_cached(args.directions)) if args.directions else None
-            # the llama.cpp adapter's generation default: certificate search only, no LP, no clock
-            cert_solver = bat_core.BatSolver(basis, bat_core.BatConfig(time_budget=0.0))
+            # certificate search alone (bat_time_budget=0): no proof search, no LP
+            cert_solver = bat_core.BatSolver(basis, bat_core.BatConfig.for_generation(0.0))
             for k in range(steps):
                 z = logits[traj * steps + k]
                 step = solver.new_step(z, tau_of)
-                below = np.flatnonzero(step.p < step.tau)
-                below = below[below != step.argmax]
-                if below.size == 0:
-                    continue
-                token = int(rng.choice(below, p=step.p[below] / step.p[below].sum()))
-                products = (solver.stats.near_products, solver.stats.vocabulary_products)
-                start = time.perf_counter()
-                decision = solver.decide(step, [token])[0]
-                row = {"row": traj * steps + k, "token": token, "p": float(step.p[token]), "tau": step.tau,
-                       "accepted": decision.accepted, "method": decision.method,
-                       "seconds": time.perf_counter() - start,
-                       "near_products": solver.stats.near_products - products[0],
-                       "vocabulary_products": solver.stats.vocabulary_products - products[1]}
-                start = time.perf_counter()
-                cert_only = cert_solver.decide(cert_solver.new_step(z, tau_of), [token])[0]
-                row.update(cert_only_accepted=cert_only.accepted, cert_only_seconds=time.perf_counter() - start)
-                if reduced_solver is not None and decision.method != "fallback":
-                    start = time.perf_counter()
-                    small = reduced_solver.decide(reduced_solver.new_step(z, tau_of), [token])[0]
-                    row.update(reduced_accepted=small.accepted, reduced_seconds=time.perf_counter() - start)
-                rows.append(row)
-            if len(rows) >= args.candidates:
+                for tail, token in enumerate(candidate_draws(step, rng)):
+                    if token is None:
+                        continue
+                    rows.append(decide_row(solver, cert_solver, reduced_solver, step, z, tau_of, token, tail))
+                    rows[-1]["row"] = traj * steps + k
+            if sum(not r["tail"] for r in rows) >= args.candidates:
                 break
-        rows = rows[: args.candidates]
+        tail_rows = [r for r in rows if r["tail"]]
+        rows = [r for r in rows if not r["tail"]][: args.candidates]
         ref_rows = []
         for i, row in enumerate(rows[: args.reference]):
             started = time.perf_counter()
@@ -148,9 +175,10 @@ def run(args) -> dict:
                 "accepts_lost": sum(r["accepted"] and not r.get("reduced_accepted", True) for r in rows),
                 "accepts_gained": sum(r.get("reduced_accepted", False) and not r["accepted"] for r in rows),
             }
+        summary["sampler"], summary["tail"] = kind_summary(rows), kind_summary(tail_rows)
         if ref_rows:
             summary["speedup_median"] = summary["reference_median_s"] * 1e3 / summary["fast_median_ms"]
-        report["settings"][name] = {"summary": summary, "rows": rows}
+        report["settings"][name] = {"summary": summary, "rows": rows + tail_rows}
         print_table(name, summary)
     return report
 
@@ -173,6 +201,11 @@ def print_table(name: str, s: dict) -> None:
     print(f"  accepted {s['accepted']}  rejected {s['rejected']}   by certificate {m['certificate']}"
           f" ({s['rejected_by_point']} of them rejects by a feasible point)  by LP {m['lp']}"
           f"  fallback {m['fallback']}  below resolution {m['resolution']}   proven {s['proven_pct']:.1f}%")
+    for kind in ("sampler", "tail"):
+        k = s[kind]
+        print(f"  {kind:8s} {k['candidates']:4d} candidates: exact path median {k['median_ms']:.1f} ms, p99 {k['p99_ms']:.1f} ms,"
+              f" unproven {k['unproven_pct']:.1f}%; certificate search alone median {k['certificate_only_median_ms']:.1f} ms,"
+              f" unproven {k['certificate_only_unproven_pct']:.1f}%")
     print(f"  certificate checks past the cheap bound: {s['near_products']} settled by the near tokens,"
           f" {s['vocabulary_products']} over the whole vocabulary", flush=True)
 
@@ -183,8 +216,8 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=200)
     parser.add_argument("--reference", type=int, default=20, help="how many candidates the reference LP decides too")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--time-budget", type=float, default=bat_core.BatConfig().time_budget,
-                        help="seconds per exact decision before the conservative reject")
+    parser.add_argument("--time-budget", type=float, default=bat_core.GENERATION_TIME_BUDGET,
+                        help="the clock per decision (a safety net: the work budgets end decisions first)")
     parser.add_argument("--reference-limit", type=float, default=120.0, help="HiGHS time limit of each reference LP")
     parser.add_argument("--directions", type=int, default=0, help="also decide with constraint reduction to k directions")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/core_<model>.json)")

@@ -58,7 +58,7 @@ def test_tokens_are_the_cores_draws_on_the_same_logits_and_a_seed_reproduces(lm)
     eos = lm[1].eos_token_id
     for row in range(6):
         sampler = bat_core.BatSampler(basis, bat_core.ThresholdRule("tau", 0.05), seed=3 + row,
-                                      config=bat_core.BatConfig.for_generation(0.0))
+                                      config=bat_core.BatConfig.for_generation())
         for step, logits in enumerate(raw.rows):
             if step > 0 and int(first[row, step - 1]) == eos:
                 break  # transformers pads a finished row whatever BAT drew
@@ -74,7 +74,7 @@ def test_mask_mode_leaves_the_proven_set_and_sampling_stays_inside_it(lm):
     proc = BatLogitsProcessor(lm[0], eta=0.02, mode="mask", seed=5)
     tokens = generate(lm, PROMPTS[:1], [raw, proc, masked], max_new_tokens=10)[0]
     sampler = bat_core.BatSampler(proc.basis, bat_core.ThresholdRule("eta", 0.02), seed=5,
-                                  config=bat_core.BatConfig.for_generation(0.0))
+                                  config=bat_core.BatConfig.for_generation())
     for step, (z, kept) in enumerate(zip(raw.rows, masked.rows)):
         expected = sampler.mask(z[0], step=step).mask
         assert (np.isfinite(kept[0]) == expected).all()

@@ -39,11 +39,13 @@ def complete(llm, processor, prompt=PROMPTS[0], max_tokens=40, **extra):
 
 def test_generation_reproduces_and_every_sub_threshold_token_is_proven(llm, bat):
     A = augmented(bat.basis.W)
-    records, texts = [], {}
+    records, texts, exact_stages = [], {}, 0
     for seed, prompt in enumerate(PROMPTS):
-        proc = bat.processor(eta=0.0009, seed=seed, record=True)
+        proc = bat.processor(eta=0.0009, seed=seed, record=True)  # the default: the exact path, work-bounded
         texts[seed] = complete(llm, proc, prompt, max_tokens=64)
         assert proc.stats.tokens >= 1 and proc.error is None
+        core = proc.stats.core
+        exact_stages += core["rejected_by_point"] + core["by_lp"] + core["accepts_by_source"].get("regression", 0)
         assert proc.stats.below_tau == len(proc.records)
         records += proc.records
         again = bat.processor(eta=0.0009, seed=seed)
@@ -51,6 +53,7 @@ def test_generation_reproduces_and_every_sub_threshold_token_is_proven(llm, bat)
     other = bat.processor(eta=0.0009, seed=11)
     assert complete(llm, other, PROMPTS[0], max_tokens=64) != texts[0]
     assert records, "no token was taken below tau in 128 steps: the test would not check certificates"
+    assert exact_stages, "no decision reached the exact path's proof stages: the seeds did not test them"
     for rec in records:
         p = softmax64(rec.logits, bat.basis.vocab_size)
         assert p[rec.token] < rec.tau

@@ -8,21 +8,10 @@ import bat_core
 from independent import accept_value, augmented, check_accept, check_reject, softmax64
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="real-model tests need llama-cpp-python (scripts/setup.sh)")
-from bat_llamacpp.gguf_weights import read_output_layer  # noqa: E402
 from bat_llamacpp.models import smollm2_path  # noqa: E402
 from bat_llamacpp.trajectories import load_llama, sampled_logits  # noqa: E402
 
 PROMPTS = ["Once upon a time", "The capital of France is", "def fibonacci(n):"]
-
-
-@pytest.fixture(scope="module")
-def layer():
-    return read_output_layer(smollm2_path())
-
-
-@pytest.fixture(scope="module")
-def basis(layer):
-    return bat_core.Basis(layer.W, bias=layer.bias, softcap=layer.softcap)
 
 
 @pytest.fixture(scope="module")

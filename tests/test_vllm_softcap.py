@@ -66,7 +66,7 @@ def test_a_soft_capped_model_is_served_with_its_cap(gemma2_folder):
     llm = vllm.LLM(model=gemma2_folder, kv_cache_memory_bytes=64 << 20, dtype="float32", max_model_len=256, seed=0,
                    distributed_executor_backend="uni")
     try:
-        params = [vllm.SamplingParams(max_tokens=24, extra_args={"bat_tau": 0.003, "bat_seed": k}) for k in range(4)]
+        params = [vllm.SamplingParams(max_tokens=8, extra_args={"bat_tau": 0.003, "bat_seed": k}) for k in range(4)]
         first = [o.outputs[0].text for o in llm.generate(["Once upon a time"] * 4, params)]
         assert all(first) and first == [o.outputs[0].text for o in llm.generate(["Once upon a time"] * 4, params)]
         [proc] = active_processors()

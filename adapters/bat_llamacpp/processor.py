@@ -42,10 +42,7 @@ from bat_core import BatError, ThresholdRule, rule_from
 from .gguf_weights import read_output_layer
 
 MODES = ("sample", "mask")
-# Seconds per decision for the exact path's later stages (least-squares proofs, LPs) while generating.
-# 0: certificate search only, which is deterministic (a seed
-# reproduces the text on any machine) and keeps ~0.9x of plain eta's throughput; see docs/llamacpp.md
-GENERATION_TIME_BUDGET = 0.0
+GENERATION_TIME_BUDGET = bat_core.GENERATION_TIME_BUDGET  # the clock per decision: a safety net (docs/core.md)
 SPAN_TOLERANCE = 1e-3  # relative residual; the right W gives ~1e-5 (float32), a wrong one ~0.1-1
 
 _bases: dict[tuple[str, int, int], bat_core.Basis] = {}
@@ -125,9 +122,9 @@ class BatLlama:
     ) -> BatLogitsProcessor:
         """A new processor for one completion (its own seeded generator, HiGHS model and stats).
 
-        `config` defaults to BatConfig.for_generation(GENERATION_TIME_BUDGET) (0: certificate search
-        only, no LP): a token without a certificate is a counted, conservative reject."""
-        config = config or bat_core.BatConfig.for_generation(GENERATION_TIME_BUDGET)
+        `config` defaults to BatConfig.for_generation(): the exact path under its work budgets; a token it
+        leaves unproven is a counted, conservative reject."""
+        config = config or bat_core.BatConfig.for_generation()
         return BatLogitsProcessor(self, rule_from(eta, epsilon, tau), mode, seed, config, record)
 
     def warm_up(self, config: bat_core.BatConfig | None = None) -> None:

@@ -61,7 +61,7 @@ class ModelSlot:
         self.refusal: str | None = None
         try:
             bat = BatLlama(llm)
-            bat.warm_up(bat_core.BatConfig.for_generation(0.0))
+            bat.warm_up(bat_core.BatConfig.for_generation())
             llm.eval(llm.tokenize(b"Hello", add_bos=True))  # the span self-check, once, before any request
             bat.check_span(last_logits(llm))
             llm.reset()
