@@ -66,7 +66,7 @@ class BatConfig:
     lp_max_rounds: int = 12  # column-generation rounds before a fallback
     point_columns: tuple[int, ...] = (2048, 8192)  # working sets of the feasible-point search, tried in turn (the first also starts the regression)
     point_rounds: int = 16  # clip-and-re-solve rounds of that search (0 turns it off; 8 missed one of 35 hard candidates)
-    regression_iterations: int = 32  # reweighted least-squares iterations with column generation (0: off; 20 left one of 15 hard fixtures)
+    regression_iterations: int = 32  # reweighted least-squares iterations with column generation (0: off)
     regression_first: int = 4  # of those, the ones before the feasible-point search on the larger working sets
     regression_grow: int = 512  # tokens joining its working set per iteration
     regression_columns: int = 12288  # its largest working set
