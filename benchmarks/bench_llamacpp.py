@@ -2,9 +2,10 @@
 
     python benchmarks/bench_llamacpp.py --model smollm2 --prompts 10 --max-tokens 64
     python benchmarks/bench_llamacpp.py --model gemma3 --prompts 6 --max-tokens 64
+    python benchmarks/bench_llamacpp.py --mode mask      # BAT's proven set, llama.cpp's sampler draws
 
 Three samplers per prompt, in rotating order so that drift on a shared machine hits all alike:
-- BAT: the adapter's processor at the head of llama.cpp's chain (eta base, eps 0.0009, sample mode);
+- BAT: the adapter's processor at the head of llama.cpp's chain (eta base, eps 0.0009, sample or mask mode);
 - plain eta: the same threshold rule through the same hook, without the LP (the baseline of the target);
 - native: llama.cpp's own draw with no Python processor (what the hook itself costs).
 Prints a table and writes JSON (tokens/s, the share of time inside BAT, BAT's decisions).
@@ -58,6 +59,7 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--eps", type=float, default=0.0009)
     parser.add_argument("--time-budget", type=float, default=GENERATION_TIME_BUDGET)
+    parser.add_argument("--mode", default="sample", choices=["sample", "mask"], help="BAT's mode")
     parser.add_argument("--config", default="{}", help='BatConfig overrides as JSON, e.g. \'{"lsq_refine": 0}\'')
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/llamacpp_<model>.json)")
     args = parser.parse_args()
@@ -73,7 +75,7 @@ def main() -> int:
 
     def make(kind: str, seed: int):
         if kind == "bat":
-            return bat.processor(eta=args.eps, seed=seed, config=config)
+            return bat.processor(eta=args.eps, seed=seed, config=config, mode=args.mode)
         if kind == "eta":
             return EtaLogitsProcessor(rule, seed=seed)
         return Native(seed)
@@ -93,6 +95,8 @@ def main() -> int:
             if kind == "bat":
                 row[kind]["bat_seconds"] = proc.stats.bat_seconds
                 row[kind]["below_tau"] = proc.stats.below_tau
+                row[kind]["mask_accepted_below_tau"] = proc.stats.mask_accepted_below_tau
+                row[kind]["mask_undecided_mass"] = proc.stats.mask_undecided_mass
                 row[kind]["core"] = proc.stats.core
         runs.append(row)
         print(f"[{n + 1}/{len(prompts)}] {prompt[:28]:28s} " + "  ".join(
@@ -112,6 +116,7 @@ def main() -> int:
     summary = {
         "model": path, "vocab": bat.basis.vocab_size, "hidden": bat.basis.hidden_size,
         "prompts": len(prompts), "max_tokens": args.max_tokens, "eps": args.eps, "time_budget": args.time_budget,
+        "mode": args.mode,
         "tokens_per_second": tps,
         "ratio_bat_to_eta": tps["bat"] / tps["eta"], "ratio_median_per_prompt": float(np.median(per_run)),
         "ratio_eta_to_native": tps["eta"] / tps["native"],
@@ -119,11 +124,13 @@ def main() -> int:
         "bat_ms_per_token": 1e3 * total("bat", "bat_seconds") / total("bat", "tokens"),
         "sub_threshold_decisions": sub_tau, "accepted_below_tau": int(total("bat", "below_tau")),
         "fallbacks": int(sum(c["fallbacks"] for c in cores)), "accepts_by_source": sources,
+        "mask_accepted_below_tau": int(total("bat", "mask_accepted_below_tau")),
+        "mask_undecided_mass_per_token": total("bat", "mask_undecided_mass") / total("bat", "tokens"),
         "prepare_seconds": prepare_s, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
     }
     print()
     print(f"model {os.path.basename(path)} (v={bat.basis.vocab_size}, d={bat.basis.hidden_size}), "
-          f"{len(prompts)} prompts x {args.max_tokens} tokens, eta eps={args.eps}, time budget {args.time_budget}s")
+          f"{len(prompts)} prompts x {args.max_tokens} tokens, eta eps={args.eps}, {args.mode} mode, time budget {args.time_budget}s")
     print(f"{'sampler':12s} {'tokens':>7s} {'seconds':>8s} {'tokens/s':>9s}")
     for k in kinds:
         print(f"{k:12s} {int(total(k, 'tokens')):7d} {total(k, 'seconds'):8.2f} {tps[k]:9.1f}")
@@ -132,6 +139,9 @@ def main() -> int:
     print(f"time in BAT: {100 * summary['bat_share_of_time']:.1f}% ({summary['bat_ms_per_token']:.2f} ms/token); "
           f"sub-threshold decisions {sub_tau}, accepted {summary['accepted_below_tau']}, fallbacks {summary['fallbacks']}, "
           f"accepts by source {sources}")
+    if args.mode == "mask":
+        print(f"mask mode: {summary['mask_accepted_below_tau']} sub-threshold tokens proven over all steps, "
+              f"undecided mass {summary['mask_undecided_mass_per_token']:.4f} per token")
     out = args.out or os.path.join(os.path.dirname(__file__), "results", f"llamacpp_{args.model if args.model in ('smollm2', 'gemma3') else 'model'}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as handle:
