@@ -62,7 +62,7 @@ class Basis:
             exact rows that produced the logits (tied embedding or lm_head, dequantized).
         bias: optional output bias of length vocab.
         softcap: optional final-logit soft-cap ``c`` (logits = c * tanh(u / c), as in Gemma 2).
-            BAT then uses the rows of W scaled by ``1 - (z_j / c)^2`` (METHOD.md section 5).
+            BAT then uses the rows of W scaled by ``1 - (z_j / c)^2`` (docs/method.md, section 5).
     """
 
     def __init__(self, W: Any, bias: Any = None, softcap: float | None = None) -> None:
@@ -183,7 +183,7 @@ class Basis:
                 self.reduced_cached(k).whitening()
 
     def span_residual(self, logits: Any) -> float:
-        """Relative distance of one row of logits from the span of [W, 1] (METHOD.md section 5).
+        """Relative distance of one row of logits from the span of [W, 1] (docs/method.md, section 5).
 
         About 1e-6 (float32 rounding) when W produced these logits; of order 1 for a wrong matrix, a
         shuffled vocabulary or logits changed by a bias/penalty processor. Soft-capped logits are first

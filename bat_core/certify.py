@@ -1,6 +1,6 @@
 """Accept certificates, checked over the whole vocabulary with rigorous floating-point bounds.
 
-Notation (METHOD.md section 3). ``a_j = (s_j w_j, 1)`` is row j of [W, 1] (``s_j`` = 1 unless the
+Notation (docs/method.md, section 3). ``a_j = (s_j w_j, 1)`` is row j of [W, 1] (``s_j`` = 1 unless the
 model soft-caps its logits), a certificate is ``y`` in R^(d+1) and ``c = A y``. With
 ``rho(t) = tau' max(t, 0) + max(-t, 0)`` and ``tau' = sigma - 1 = tau / (1 - tau)``, the *value* of y
 for token i is

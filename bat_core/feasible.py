@@ -4,7 +4,7 @@ Both searches work on a working set K of the most probable tokens, with rows a_j
 the Gram matrix G = sum_{j in K} p_j a_j a_j' (`WorkingSet`, built once per step and shared).
 
 **Reject** (`feasible_point`). Token i is rejected when some q with q_i = -p_i, every other
-q_j in [-p_j, tau' p_j] and sum_j q_j a_j = 0 exists (METHOD.md sections 2-3). Holding every token
+q_j in [-p_j, tau' p_j] and sum_j q_j a_j = 0 exists (docs/method.md, sections 2-3). Holding every token
 outside K at q_j = 0 is a restriction, so a point found on K is a point of the full problem: an exact
 reject. The search takes the least-squares solution of sum_{j in K} q_j a_j = p_i a_i with weights
 1 / p_j (q_j = p_j a_j' lambda, G lambda = p_i a_i), then holds the tokens that left their box at the

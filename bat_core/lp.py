@@ -1,6 +1,6 @@
 """The exact path: a restricted LP with column generation, one warm-started HiGHS model per request.
 
-For candidate i and a working set K of tokens, HiGHS solves (METHOD.md section 4, in q-space divided
+For candidate i and a working set K of tokens, HiGHS solves (docs/method.md, section 4, in q-space divided
 by p_i, every token outside K held at q_j = 0):
 
     delta_K = min ||r||_1  s.t.  sum_{j in K, j != i} x_j a_j + r = a_i,  -p_j/p_i <= x_j <= tau' p_j/p_i

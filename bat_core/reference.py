@@ -4,7 +4,7 @@ For tests and benchmarks only (seconds per decision on a real model). For candid
 
     delta = min ||r||_1  s.t.  sum_{j != i} x_j a_j + r = a_i,   -p_j/p_i <= x_j <= tau' p_j/p_i
 
-(the q-space system of METHOD.md section 3 divided by p_i; a_j = row j of [W, 1]). delta is the L1
+(the system in q of docs/method.md, section 3, divided by p_i; a_j = row j of [W, 1]). delta is the L1
 distance between the right-hand side and what the feasible box can reach: F_i is empty iff delta > 0.
 bat-sampling's decision rule is: accept iff delta > tol * ||a_i||_1 (decisions inside the solver's
 tolerance are rejects). The optimal row duals y (||y||_inf <= 1) are an accept certificate and the

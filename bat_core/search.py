@@ -1,4 +1,4 @@
-"""Cheap accept certificates from the regression view (METHOD.md sections 3 and 6).
+"""Cheap accept certificates from the regression view (docs/method.md, sections 3 and 6).
 
 Token i is accepted when some c = A y with c_i = 1 has sum_{j != i} p_j rho(c_j) < p_i. A quadratic
 surrogate of that cost, with the head of the distribution weighted by p_j and the rest of the
