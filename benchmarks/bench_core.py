@@ -12,6 +12,7 @@ dense reference LP. Prints a table, writes JSON.
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 import json
 import os
 import sys
@@ -62,10 +63,13 @@ def candidate_draws(step, rng: np.random.Generator) -> tuple[int | None, int | N
 def decide_row(solver, cert_solver, reduced_solver, step, z, tau_of, token: int, tail: bool) -> dict:
     """One candidate decided by the exact path (warm across the trajectory) and by certificate search alone."""
     products = (solver.stats.near_products, solver.stats.vocabulary_products)
+    reasons = dict(solver.stats.fallback_reasons)
     start = time.perf_counter()
     decision = solver.decide(step, [token])[0]
+    reason = [k for k, n in solver.stats.fallback_reasons.items() if n > reasons.get(k, 0)]
     row = {"tail": bool(tail), "token": token, "p": float(step.p[token]), "tau": step.tau,
            "accepted": decision.accepted, "method": decision.method, "seconds": time.perf_counter() - start,
+           "fallback_reason": reason[0] if reason else None,
            "near_products": solver.stats.near_products - products[0],
            "vocabulary_products": solver.stats.vocabulary_products - products[1]}
     start = time.perf_counter()
@@ -84,6 +88,7 @@ def kind_summary(rows: list[dict]) -> dict:
     fast = [r["seconds"] for r in rows]
     return {"candidates": len(rows), "median_ms": 1e3 * percentile(fast, 50), "p99_ms": 1e3 * percentile(fast, 99),
             "unproven_pct": 100.0 * sum(r["method"] == "fallback" for r in rows) / max(len(rows), 1),
+            "fallback_reasons": dict(Counter(r["fallback_reason"] for r in rows if r["method"] == "fallback")),
             "certificate_only_median_ms": 1e3 * percentile([r["cert_only_seconds"] for r in rows], 50),
             "certificate_only_unproven_pct": 100.0 * sum(not r["cert_only_proven"] for r in rows) / max(len(rows), 1)}
 
@@ -204,7 +209,7 @@ def print_table(name: str, s: dict) -> None:
     for kind in ("sampler", "tail"):
         k = s[kind]
         print(f"  {kind:8s} {k['candidates']:4d} candidates: exact path median {k['median_ms']:.1f} ms, p99 {k['p99_ms']:.1f} ms,"
-              f" unproven {k['unproven_pct']:.1f}%; certificate search alone median {k['certificate_only_median_ms']:.1f} ms,"
+              f" unproven {k['unproven_pct']:.1f}%{' ' + str(k['fallback_reasons']) if k['fallback_reasons'] else ''}; certificate search alone median {k['certificate_only_median_ms']:.1f} ms,"
               f" unproven {k['certificate_only_unproven_pct']:.1f}%")
     print(f"  certificate checks past the cheap bound: {s['near_products']} settled by the near tokens,"
           f" {s['vocabulary_products']} over the whole vocabulary", flush=True)
