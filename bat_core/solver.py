@@ -193,7 +193,6 @@ class BatSolver:
         self._working: dict[int, WorkingSet] = {}
         self._parent_step: tuple[Step, Step] | None = None  # (step, the same distribution on the full W)
         self._deadline = 0.0  # the safety net's clock for the decision in progress
-        self._iterations_left: dict[int, int] = {}  # its candidates' simplex iterations left (the work budget)
 
     # ------------------------------------------------------------------ steps
     def new_step(self, logits: Any, tau: Any) -> Step:
@@ -322,7 +321,7 @@ class BatSolver:
                 pending = self._accept_found(step, pending, refined, ["reweighted"] * refined.shape[1], out)
         if not len(pending) or cfg.time_budget == 0:
             return {**out, **{int(t): self._fallback(int(t), "certificate search only") for t in pending}}
-        self._iterations_left = {int(t): int(cfg.lp_iterations) for t in pending}
+        iterations_left = {int(t): int(cfg.lp_iterations) for t in pending}  # simplex iterations: the LPs' work budget
         # 2. the request's recent certificates (from earlier LPs, steps and candidates). Only here: ranked with
         #    the least-squares directions on every decision they cost time and proved nothing more (docs/core.md)
         if self._cache and self._clock_left():
@@ -335,12 +334,12 @@ class BatSolver:
         for k in cfg.search_levels:
             if not len(pending) or k >= self.basis.hidden_size or not self._clock_left():
                 break
-            Y = self._search_directions(step, pending, k)
+            Y = self._search_directions(step, pending, k, iterations_left)
             if Y is not None:
                 pending = self._accept_found(step, pending, Y, [f"search-{k}"] * Y.shape[1], out)
         # 5. the exact LP, candidate by candidate, under the work budget
         for t in pending:
-            out[int(t)] = self._exact(step, int(t))
+            out[int(t)] = self._exact(step, int(t), iterations_left)
         return out
 
     def _clock_left(self) -> bool:
@@ -353,8 +352,8 @@ class BatSolver:
         points on the larger working sets, then the regression's other rounds; return the tokens still pending."""
         cfg = self.config
         left = []
+        sizes = list(cfg.point_columns) if cfg.point_rounds else []
         for t in (int(t) for t in pending):
-            sizes = list(cfg.point_columns) if cfg.point_rounds else []
             decision = self._feasible_point(step, t, sizes[:1])
             regression = None
             if decision is None and cfg.regression_iterations:
@@ -446,9 +445,10 @@ class BatSolver:
         if not any(np.array_equal(y, old) for old in self._cache):
             self._cache.appendleft(y)
 
-    def _search_directions(self, step: Step, pending: np.ndarray, k: int) -> np.ndarray | None:
+    def _search_directions(self, step: Step, pending: np.ndarray, k: int, iterations_left: dict[int, int]) -> np.ndarray | None:
         """Accept certificates of the L1 LP reduced to the top-k singular directions of W (column
-        generation included), mapped back to R^(d+1); None when it proves nothing."""
+        generation included), mapped back to R^(d+1); None when it proves nothing. Spends from each
+        candidate's `iterations_left`."""
         cfg = self.config
         reduced = self.basis.reduced_cached(k)
         small = Step(reduced, step.p, step.tau, step.scale, step.head_size)
@@ -461,30 +461,30 @@ class BatSolver:
         for t in (int(t) for t in pending):
             if not self._clock_left():
                 break
-            if self._iterations_left[t] <= 0:
+            if iterations_left[t] <= 0:
                 continue
             outcome = lp.solve(
                 small, self._step_id, t, step.head[: cfg.search_columns], cfg.tol, self._deadline,
-                max_rounds=cfg.search_rounds, iterations=self._iterations_left[t],
+                max_rounds=cfg.search_rounds, iterations=iterations_left[t],
             )
-            self._iterations_left[t] -= outcome.iterations
+            iterations_left[t] -= outcome.iterations
             self.stats.lp_solves += outcome.solves
             self.stats.lp_iterations += outcome.iterations
             if outcome.accepted:
                 columns.append(np.append(directions @ outcome.y[:k], outcome.y[k]))
         return np.column_stack(columns) if columns else None
 
-    def _exact(self, step: Step, token: int) -> Decision:
+    def _exact(self, step: Step, token: int, iterations_left: dict[int, int]) -> Decision:
         cfg = self.config
         if not self._clock_left():
             return self._fallback(token, "time budget")
-        if self._iterations_left[token] <= 0:
+        if iterations_left[token] <= 0:
             return self._fallback(token, "work budget")
         if self._lp is None:
             self._lp = RequestLP(self.basis.hidden_size, max_columns=max(4096, 4 * cfg.lp_columns))
         outcome = self._lp.solve(
             step, self._step_id, token, step.head[: cfg.lp_columns], cfg.tol, self._deadline,
-            max_rounds=cfg.lp_max_rounds, grow=cfg.lp_grow, iterations=self._iterations_left[token],
+            max_rounds=cfg.lp_max_rounds, grow=cfg.lp_grow, iterations=iterations_left[token],
         )
         self.stats.lp_solves += outcome.solves
         self.stats.lp_rounds += outcome.rounds

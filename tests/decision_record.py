@@ -60,18 +60,19 @@ def random_cases(seed: int = 5, count: int = 400) -> dict[str, str]:
     return out
 
 
-def hard_distributions(basis: bat_core.Basis) -> list[tuple[np.ndarray, bat_core.ThresholdRule, int]]:
+def hard_cases(basis: bat_core.Basis) -> list[tuple[np.ndarray, bat_core.ThresholdRule, int, str]]:
+    """(logits, rule, token, setting) per candidate of the hard fixture (logits = W h, SmolLM2 has no bias)."""
     f = np.load(HARD)
     W64 = basis.W.astype(np.float64)
     return [(W64 @ f["h"][n].astype(np.float64), bat_core.ThresholdRule(str(f["kind"][n]), float(f["value"][n])),
-             int(f["token"][n])) for n in range(len(f["token"]))]
+             int(f["token"][n]), f"{f['setting'][n]}{' tail' if f['tail'][n] else ''}") for n in range(len(f["token"]))]
 
 
 def real_cases(basis: bat_core.Basis) -> dict[str, str]:
     """Each hard candidate, and the sub-threshold tokens at ranks tau-crossing + 0, 5 and 50 of its row."""
     config = bat_core.BatConfig.for_generation(CLOCK)
     out = {}
-    for n, (logits, rule, token) in enumerate(hard_distributions(basis)):
+    for n, (logits, rule, token, _) in enumerate(hard_cases(basis)):
         out[f"hard {n}"] = decided(basis, logits, rule, token, config)
         p = softmax64(logits, basis.vocab_size)
         order = np.argsort(-p, kind="stable")
@@ -85,16 +86,16 @@ def real_cases(basis: bat_core.Basis) -> dict[str, str]:
 def request_cases(basis: bat_core.Basis) -> dict[str, str]:
     """A seeded sampler over the hard rows in turn (one request: its cache and LP carry over), then a mask."""
     config = bat_core.BatConfig.for_generation(CLOCK)
-    rows = hard_distributions(basis)
+    rows = hard_cases(basis)
     sampler = bat_core.BatSampler(basis, bat_core.ThresholdRule("eta", 0.0009), seed=7, config=config)
-    tokens = [sampler.sample(logits, step=k).token for k, (logits, _, _) in enumerate(rows)]
+    tokens = [sampler.sample(logits, step=k).token for k, (logits, *_) in enumerate(rows)]
     s = sampler.stats
     out = {"sampler tokens": " ".join(map(str, tokens)),
            "sampler stats": f"accepted_below_tau={s.accepted_below_tau} by_certificate={s.by_certificate} "
                             f"by_lp={s.by_lp} fallbacks={s.fallbacks}"}
     masker = bat_core.BatSampler(basis, bat_core.ThresholdRule("eta", 0.02), seed=7, config=config,
                                  mask_budget=CLOCK)
-    for k, (logits, _, _) in enumerate(rows[:4]):
+    for k, (logits, *_) in enumerate(rows[:4]):
         m = masker.mask(logits, step=k)
         proven = " ".join(map(str, sorted(int(t) for t in m.accepted_below_tau_ids)))
         out[f"mask {k}"] = f"kept={int(m.mask.sum())} rejected={m.rejected} undecided={m.undecided} proven={proven}"

@@ -4,7 +4,6 @@ tests/fixtures/hard_smollm2.npz holds SmolLM2 candidates that certificate search
 (benchmarks/hard_candidates.py): sampler draws and tail tokens at eta 0.0009, eta 0.02 and tau 0.1, each
 stored as a hidden state h (the distribution is softmax(W h)), a token and its threshold setting.
 """
-import os
 import threading
 import time
 
@@ -12,20 +11,16 @@ import numpy as np
 import pytest
 
 import bat_core
+from decision_record import hard_cases
 from independent import augmented, check_accept, check_reject, softmax64
 
 pytest.importorskip("llama_cpp", reason="real-model tests need llama-cpp-python (scripts/setup.sh)")
-
-FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "hard_smollm2.npz")
 
 
 @pytest.fixture(scope="module")
 def cases(basis):
     """(logits, rule, token, setting) per stored candidate."""
-    f = np.load(FIXTURE)
-    W64 = basis.W.astype(np.float64)
-    return [(W64 @ f["h"][n].astype(np.float64), bat_core.ThresholdRule(str(f["kind"][n]), float(f["value"][n])),
-             int(f["token"][n]), f"{f['setting'][n]}{' tail' if f['tail'][n] else ''}") for n in range(len(f["token"]))]
+    return hard_cases(basis)
 
 
 def decide(basis, case, config):

@@ -10,8 +10,8 @@
 Per-request settings (flat keys, the same in `extra_args` and `vllm_xargs`): exactly one of `bat_eta`,
 `bat_epsilon`, `bat_tau`; optional `bat_mode` ("sample", "mask", or "threshold": the plain rule
 without BAT), `bat_seed` (default: the request's own seed), `bat_time_budget` (seconds per
-decision, the exact path's safety-net clock, at most the operator's BAT_MAX_TIME_BUDGET; default 2;
-0: certificate search only). Settings that change the logits before BAT (structured outputs,
+decision, the exact path's safety-net clock, at most the operator's BAT_MAX_TIME_BUDGET; default
+bat_core.GENERATION_TIME_BUDGET, 10 s; 0: certificate search only). Settings that change the logits before BAT (structured outputs,
 logit_bias, allowed_token_ids, bad_words, min_tokens) are refused: BAT needs the raw distribution.
 
 A request without `bat_` keys is not touched. The processor keeps one core `BatSampler` per BAT
