@@ -5,14 +5,17 @@ exactly as the engine multiplies with it, as float32, once per model. Everything
 share (row norms, the Gram matrix of [W, 1], the whitened rows used to search for certificates) is
 computed here, once, and never copied per request.
 """
+
 from __future__ import annotations
 
 import math
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
+from .config import BatConfig
 from .errors import BatError
 from .q8 import Q8Rows
 from .threads import matvec_pool, matvec_threads
@@ -158,22 +161,10 @@ class Basis:
             )
         return np.clip(1.0 - ratio * ratio, 0.0, 1.0)
 
-    def decide(self, logits: Any, token_ids: Any, tau: float, config: Any = None) -> np.ndarray:
-        """Exact BAT decision for each token of one distribution: True = may be sampled.
-
-        One-shot (a fresh solver); per-request use with warm starts goes through BatSolver/BatSampler."""
-        from .solver import BatSolver
-
-        solver = BatSolver(self, config)
-        step = solver.new_step(logits, tau)
-        return np.array([d.accepted for d in solver.decide(step, token_ids)], dtype=bool)
-
     def prepare(self, config: Any = None) -> None:
         """Build now what decisions build lazily (whitening, the reduced bases of the search LPs, the
         int8 copy of a Q8_0 W with its compiled products: 0.4 s for SmolLM2), so that the first
         request does not pay for it. Optional."""
-        from .solver import BatConfig
-
         config = config or BatConfig()
         if not self._host_numpy:
             self._q8_rows()
@@ -260,26 +251,6 @@ class Basis:
         _in_parts(self.vocab_size, 16384, work)
         return out
 
-    def rows_value_sums(self, tokens: np.ndarray, y: np.ndarray, weight: np.ndarray, scale: np.ndarray | None,
-                        y0: float, g: float, tprime: float) -> np.ndarray | None:
-        """certify.py's value sums over the rows `tokens` (sorted) only, with c_j = s_j (W y)_j + y0 made on the
-        int8 rows as they are read, and a lower bound of those rows' energy: [sum weight_j max(tau' hi_j, -lo_j),
-        sum weight_j max(-tau' lo_j, hi_j), sum max(|u_j| - g ||w_j||, 0)^2], split over the product threads.
-        None where the compiled int8 product is not what `matvec` runs (the caller then uses `matvec`)."""
-        q8 = None if self._host_numpy or self._device_W is not None else self._q8_rows()
-        if q8 is None:
-            return None
-        tokens = np.ascontiguousarray(tokens, dtype=np.int64)
-        y = np.ascontiguousarray(y, dtype=np.float32)
-        weight = np.ascontiguousarray(weight, dtype=np.float64)
-        scale = None if scale is None else np.ascontiguousarray(scale, dtype=np.float64)
-        def work(start: int, stop: int) -> np.ndarray:
-            sums = np.zeros(3)
-            q8.rows_value_sums(tokens[start:stop], y, weight, self.row_norm, scale, y0, g, tprime, sums)
-            return sums
-
-        return np.sum(_in_parts(len(tokens), 4096, work), axis=0)
-
     def _device_product(self, y: np.ndarray) -> np.ndarray:
         """W @ y on the device in plain float32 arithmetic, by blocks of rows."""
         import torch
@@ -339,7 +310,7 @@ class Basis:
                 self._eigvec = eigvec[:, ::-1]
         return self._eigvec[:, :k]
 
-    def reduced_cached(self, directions: int) -> "Basis":
+    def reduced_cached(self, directions: int) -> Basis:
         """`reduced(directions)`, built once per model and shared by all requests."""
         directions = min(directions, self.hidden_size)
         with self._lazy:
@@ -347,7 +318,7 @@ class Basis:
                 self._reduced[directions] = self.reduced(directions)
         return self._reduced[directions]
 
-    def reduced(self, directions: int) -> "Basis":
+    def reduced(self, directions: int) -> Basis:
         """Constraint reduction: keep only the top-k right singular directions of W (as the paper does).
 
         The reduced LP drops constraints, so it is a relaxation: it may reject tokens the exact LP

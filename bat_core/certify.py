@@ -21,10 +21,10 @@ rejects, the sound answer. Lower bounds come from:
 
 Both y and -y are tried (the sign of a dual ray is a convention of the solver that produced it).
 """
+
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -75,16 +75,6 @@ def most_probable(p: np.ndarray, k: int) -> np.ndarray:
     return pool[np.argpartition(-p[pool], k - 1)[:k]]
 
 
-def about_most_probable(p: np.ndarray, k: int) -> np.ndarray:
-    """About k of the most probable tokens, ids in increasing order: every token with p at or above a sample
-    threshold (within a few percent of k), so no token left out is more probable than one kept. The exact
-    top k where ties or a skewed sample make the count stray past half or twice k."""
-    top = np.flatnonzero(p >= _sample_threshold(p, k))
-    if not k // 2 <= len(top) <= 2 * k:
-        top = np.sort(np.argpartition(-p, k - 1)[:k])
-    return top
-
-
 def _rho_upper(lo: np.ndarray, hi: np.ndarray, tprime: float) -> np.ndarray:
     """max of rho over [lo, hi]: rho(t) = max(tau' t, -t) is convex, so the max is at an end, and
     of the four terms only tau' hi and -lo can be largest."""
@@ -104,17 +94,6 @@ def _interval_sums(
 
 
 @dataclass
-class NearTokens:
-    """One stage of Step.near: the tokens whose products it adds, and for the rest of the vocabulary after it
-    (outside the head and every stage so far): sum p_j, sum (p_j s_j)^2 and max p_j s_j^2, each rounded up."""
-
-    rows: np.ndarray  # sorted token ids
-    mass: float
-    weight_sq: float
-    weight_max: float
-
-
-@dataclass
 class Step:
     """One next-token distribution and what every decision on it shares."""
 
@@ -123,10 +102,8 @@ class Step:
     tau: float
     scale: np.ndarray | None  # soft-cap row scale s_j, or None
     head_size: int = 1024
-    near_sizes: tuple[int, ...] = ()  # growing sets of most probable tokens checked before the whole vocabulary (opt-in)
     tprime: float = field(init=False)
     lipschitz: float = field(init=False)
-    near_products: int = field(default=0, init=False)  # full_value checks settled by the near tokens' products
     vocabulary_products: int = field(default=0, init=False)  # full_value checks that made a product over the vocabulary
 
     def __post_init__(self) -> None:
@@ -143,9 +120,7 @@ class Step:
         return float(self.p.sum())
 
     @classmethod
-    def build(
-        cls, basis: Basis, logits, tau, head_size: int = 1024, near_sizes: tuple[int, ...] = ()
-    ) -> "Step":
+    def build(cls, basis: Basis, logits, tau, head_size: int = 1024) -> Step:
         """`tau` is a number, a ThresholdRule, or a callable that computes it from the probabilities."""
         z = basis.checked_logits(logits)
         if isinstance(tau, ThresholdRule):
@@ -155,7 +130,7 @@ class Step:
             p /= p.sum()
             if callable(tau):
                 tau = tau(p)
-        return cls(basis, p, float(tau), basis.row_scale(z), head_size, tuple(near_sizes))
+        return cls(basis, p, float(tau), basis.row_scale(z), head_size)
 
     @functools.cached_property
     def head(self) -> np.ndarray:
@@ -163,42 +138,6 @@ class Step:
         end at the threshold shortcut and never need it)."""
         head = most_probable(self.p, min(self.head_size, len(self.p)))
         return head[np.argsort(-self.p[head], kind="stable")]
-
-    @functools.cached_property
-    def _near_sizes_used(self) -> list[int]:
-        """The near stages' sizes that stay under half of the vocabulary (past that, the product over all of it
-        costs little more), smallest first."""
-        head = min(self.head_size, len(self.p))
-        return sorted({int(k) for k in self.near_sizes if k > head and head + k <= len(self.p) // 2})
-
-    @functools.cached_property
-    def near(self) -> list["NearTokens"]:
-        """Stages of a certificate check before the whole vocabulary: about `near_sizes` of the most probable
-        tokens in turn (`_near_sizes_used`, `about_most_probable`), past the head. Each stage holds the tokens
-        it adds and what bounds the rest after it."""
-        if not self._near_sizes_used:  # the default: no stages, and no pass over the vocabulary for them
-            return []
-        p = self.p
-        kept = np.zeros(len(p), dtype=bool)
-        kept[self.head] = True
-        stages = []
-        for k in self._near_sizes_used:
-            top = about_most_probable(p, k)
-            added = np.zeros(len(p), dtype=bool)
-            added[top] = True
-            added &= ~kept
-            kept |= added
-            kept_ids = np.flatnonzero(kept)
-            # the rest's sums as totals less the kept tokens' (indexing the kept few is 10x faster than the rest)
-            slack = self.tail_sum_slack(len(kept_ids))
-            weight = p[kept_ids] if self.scale is None else p[kept_ids] * self.scale[kept_ids]
-            stages.append(NearTokens(
-                rows=np.flatnonzero(added),
-                mass=max(self.p_total - float(p[kept_ids].sum()), 0.0) + slack * self.p_total,
-                weight_sq=max(self.weight_sq_total - float(weight @ weight), 0.0) + slack * self.weight_sq_total,
-                weight_max=float(p[top].min()),  # p_j s_j^2 <= p_j (soft-cap scales lie in [0, 1]) <= the top's smallest
-            ))
-        return stages
 
     @functools.cached_property
     def head_sorted(self) -> np.ndarray:
@@ -260,7 +199,9 @@ class Step:
         if u is None:
             u = self.head_products(tokens, Y)
         elif u.shape != (len(tokens), Y.shape[1]):
-            raise ValueError(f"products of shape {u.shape} given for {len(tokens)} tokens and {Y.shape[1]} certificates")
+            raise ValueError(
+                f"products of shape {u.shape} given for {len(tokens)} tokens and {Y.shape[1]} certificates"
+            )
         s = self.scale_of(tokens)[:, None]
         c = s * u + Y[d]
         yw_norm = np.linalg.norm(Y[:d], axis=0)
@@ -376,7 +317,11 @@ class Step:
         return best / (self.p[token] * np.abs(Y).max(axis=0))
 
     def full_value(
-        self, y: np.ndarray, token: int, u_exact: np.ndarray | None = None, u32: np.ndarray | None = None,
+        self,
+        y: np.ndarray,
+        token: int,
+        u_exact: np.ndarray | None = None,
+        u32: np.ndarray | None = None,
         enough: float | None = None,
     ) -> float:
         """Rigorous lower bound of max(value(y, token), value(-y, token)) from one float32 product over
@@ -384,35 +329,15 @@ class Step:
         its [v, m] intermediates. `u_exact`: W y_w on exact_set(token), if already computed; `u32`:
         Basis.matvec(y_w), if already made (any float32 product of W and y_w meets the rounding bound).
 
-        `enough` (the value that settles the caller's question): go through `value_bounds` cheapest first
-        and stop as soon as one is above it, so that the product over the whole vocabulary is made only
-        where the cheaper bounds do not settle the question. The largest bound found is returned."""
-        best = -np.inf
-        for stage, value in self.value_bounds(y, token, u_exact, u32, staged=enough is not None):
-            best = max(best, value)
-            if stage == "vocabulary":
-                self.vocabulary_products += 1
-            elif best > enough:
-                self.near_products += stage == "near"
-                return best
-        return best
-
-    def value_bounds(
-        self, y: np.ndarray, token: int, u_exact: np.ndarray | None = None, u32: np.ndarray | None = None,
-        staged: bool = True,
-    ) -> Iterator[tuple[str, float]]:
-        """Rigorous lower bounds of max(value(y, token), value(-y, token)), cheapest first, each computed when
-        asked for: ("tail", .) the Lipschitz and Cauchy-Schwarz bound of the whole tail (no product, as in
-        `candidate_values`); ("near", .) once per near stage (`near`: the products of the near tokens only,
-        and a bound of the rest that needs no product, `_rest_bounds`); ("vocabulary", .) one float32 product
-        over the whole vocabulary. Only the last where `staged` is False or `u32` is given. With the
-        compiled int8 product the near stages read only the near rows; without it they take them from the
-        whole product, so that both give the same decisions."""
+        `enough` (the value that settles the caller's question): first the bound of the tail that needs no
+        product (Lipschitz and Cauchy-Schwarz, as in `candidate_values`); the product over the vocabulary is
+        made only where that bound is not above `enough`. The larger bound is returned."""
         d = self.basis.hidden_size
         exact = self.exact_set(token)
-        c_exact, err_exact, u_exact = self.exact_products(exact, y[:, None], None if u_exact is None else u_exact[:, None])
+        c_exact, err_exact, u_exact = self.exact_products(
+            exact, y[:, None], None if u_exact is None else u_exact[:, None]
+        )
         p, tp, i = self.p, self.tprime, token
-        g = float32_gamma(d) * float(np.linalg.norm(y[:d]))
         y0 = float(y[d])
         rounding = 1.0 + 4 * self.basis.vocab_size * U64  # the float64 sum of v terms, rounded up
         # the head and the candidate from exact float64 products, the rest from the float32 product
@@ -427,62 +352,20 @@ class Step:
                 best = max(best, p[i] * sign_lo - others)
             return best / (p[i] * float(np.abs(y).max()))
 
-        if staged and u32 is None:
-            outside = float(self._outside_energy(y[:, None], exact, u_exact)[0])
-            tail_mass, spread = self._lipschitz_tail(exact, np.array([outside]))
-            yield "tail", value(tuple(float(rho(np.array(sign * y0), tp)) * tail_mass + float(spread[0]) for sign in (1, -1)))
-            sums, counted = np.zeros(3), 0
-            for stage in self.near:
-                rows = stage.rows
-                at = int(np.searchsorted(rows, i))
-                if at < len(rows) and rows[at] == i:
-                    rows = np.delete(rows, at)  # the candidate's product is exact
-                g_up = g * (1.0 + 8 * U64)  # so that the float64 |u_j| - g ||w_j|| of the energy's lower bound rounds down
-                added = self.basis.rows_value_sums(rows, y[:d], p, self.scale, y0, g_up, tp)
-                if added is None:  # no compiled product: the same sums from the product over the vocabulary
-                    u32 = self.basis.matvec(y[:d]) if u32 is None else u32
-                    added = self._near_sums(u32, rows, g_up, y0)
-                sums += added
-                counted += len(rows) + 4
-                # the rest's energy: what lies outside the exact tokens, less a lower bound of the near rows' own
-                energy = max(outside - sums[2] * (1.0 - 4 * counted * U64), 0.0)
-                rest = self._rest_bounds(stage, y0, energy)
-                yield "near", value((sums[0] + rest[0], sums[1] + rest[1]))
+        best = -np.inf
+        if enough is not None and u32 is None:
+            outside = self._outside_energy(y[:, None], exact, u_exact)
+            tail_mass, spread = self._lipschitz_tail(exact, outside)
+            best = value(tuple(float(rho(np.array(sign * y0), tp)) * tail_mass + float(spread[0]) for sign in (1, -1)))
+            if best > enough:
+                return best
         if u32 is None:
             u32 = self.basis.matvec(y[:d])
         weight = p.copy()
         weight[exact] = 0.0
-        yield "vocabulary", value(self._tail_sums(u32, weight, g, y0))
-
-    def _near_sums(self, u32: np.ndarray, rows: np.ndarray, g: float, y0: float) -> np.ndarray:
-        """Basis.rows_value_sums in numpy, from a product over the vocabulary (the same float64 operations)."""
-        u = u32[rows].astype(np.float64)
-        norm = self.basis.row_norm[rows]
-        scale = None if self.scale is None else self.scale[rows]
-        low = np.maximum(np.abs(u) - g * norm, 0.0)
-        return np.array([*_interval_sums(u, self.p[rows], norm, scale, y0, g, self.tprime), low @ low])
-
-    def _rest_bounds(self, near: "NearTokens", y0: float, energy: float) -> tuple[float, float]:
-        """Upper bounds of sum_j p_j rho(+-c_j) over the tokens outside the head and the near tokens, from
-        their mass, weights and energy (an upper bound of sum_j u_j^2) alone, for +y and -y.
-
-        Two bounds, the smaller taken. With x_j = s_j u_j and S = sqrt(sum (p_j s_j)^2) sqrt(energy) >= sum p_j |x_j|:
-        - Lipschitz and Cauchy-Schwarz: rho(y0 + x) <= rho(y0) + L |x|, so the sum is <= rho(y0) mass + L S;
-        - quadratic: rho(t) = tau' t + (1 + tau') max(-t, 0), and max(z, 0) <= (z + a)^2 / (4a) for any a > 0,
-          so the sum is <= tau' (max(y0, 0) mass + S) + (1 + tau') (mass (a - y0)^2 + 2 |a - y0| S
-          + max_j(p_j s_j^2) energy) / (4a). It is far tighter when c_j > 0 on most of the rest (the common
-          case: positive c_j cost only tau' per unit), since the rest's largest p_j is small."""
-        tp, mass = self.tprime, near.mass
-        spread = float(np.sqrt(near.weight_sq * energy))
-        out = []
-        for shift in (y0, -y0):
-            lipschitz = float(rho(np.array(shift), tp)) * mass + self.lipschitz * spread
-            best_a = np.sqrt(shift * shift + near.weight_max * energy / max(mass, 1e-300)) + 1e-300
-            a = best_a * np.array([0.5, 0.71, 1.0, 1.41, 2.0])
-            quad = (mass * (a - shift) ** 2 + 2 * np.abs(a - shift) * spread + near.weight_max * energy) / (4 * a)
-            quadratic = tp * (max(shift, 0.0) * mass + spread) + (1.0 + tp) * float(quad.min())
-            out.append(min(lipschitz, quadratic) * (1.0 + 1e-12) + 1e-300)  # a dozen float64 roundings, rounded up
-        return out[0], out[1]
+        self.vocabulary_products += 1
+        g = float32_gamma(d) * float(np.linalg.norm(y[:d]))
+        return max(best, value(self._tail_sums(u32, weight, g, y0)))
 
     def _tail_sums(self, u32: np.ndarray, weight: np.ndarray, g: float, y0: float) -> tuple[float, float]:
         """sum_j weight_j max(tau' hi_j, -lo_j) and sum_j weight_j max(-tau' lo_j, hi_j) over the vocabulary,

@@ -24,6 +24,7 @@ path left undecided at 2 s (hard accepts: the exact LP needs 6-15 s), 20 iterati
 Whatever these searches return is proven here (points: float64 residual with a rigorous rounding
 bound) or in certify.py (certificates); when they find nothing, the LPs decide.
 """
+
 from __future__ import annotations
 
 import time
@@ -100,7 +101,9 @@ def feasible_point(
     return None
 
 
-def _checked_point(token: int, p_i: float, tokens: np.ndarray, A: np.ndarray, q: np.ndarray, a_i: np.ndarray, tol: float):
+def _checked_point(
+    token: int, p_i: float, tokens: np.ndarray, A: np.ndarray, q: np.ndarray, a_i: np.ndarray, tol: float
+):
     """The point's residual with a rigorous float64 bound, or None when it is not within tolerance."""
     support = np.flatnonzero(q)
     residual = A[support].T @ q[support] - p_i * a_i

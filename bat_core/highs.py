@@ -2,6 +2,7 @@
 process is built, before any option can switch output off; that corrupts a caller's machine-readable
 stdout (e.g. `bat generate --json`). The first construction runs with file descriptor 1 sent to
 /dev/null."""
+
 from __future__ import annotations
 
 import os

@@ -17,6 +17,7 @@ have bounds [0, 0]), so successive candidates and successive steps of a request 
 the right-hand side: dual simplex restarts from the previous basis. Soft-capped models change their
 columns every step, so their model is rebuilt per step.
 """
+
 from __future__ import annotations
 
 import time
@@ -81,8 +82,14 @@ class RequestLP:
         h.addRows(n, np.zeros(n), np.zeros(n), 0, np.array([], np.int32), np.array([], np.int32), np.array([]))
         eye = np.arange(n, dtype=np.int32)
         h.addCols(
-            2 * n, np.ones(2 * n), np.zeros(2 * n), np.full(2 * n, inf), 2 * n,
-            np.arange(2 * n, dtype=np.int32), np.concatenate([eye, eye]), np.concatenate([np.ones(n), -np.ones(n)]),
+            2 * n,
+            np.ones(2 * n),
+            np.zeros(2 * n),
+            np.full(2 * n, inf),
+            2 * n,
+            np.arange(2 * n, dtype=np.int32),
+            np.concatenate([eye, eye]),
+            np.concatenate([np.ones(n), -np.ones(n)]),
         )
         self.column_of: dict[int, int] = {}
         self.tokens: list[int] = []
@@ -100,9 +107,14 @@ class RequestLP:
         block = step.augmented_rows(np.array(new))
         n = len(new)
         self.highs.addCols(
-            n, np.zeros(n), np.zeros(n), np.zeros(n), n * self.rows,
+            n,
+            np.zeros(n),
+            np.zeros(n),
+            np.zeros(n),
+            n * self.rows,
             (np.arange(n) * self.rows).astype(np.int32),
-            np.tile(np.arange(self.rows, dtype=np.int32), n), block.ravel(),
+            np.tile(np.arange(self.rows, dtype=np.int32), n),
+            block.ravel(),
         )
         first = 2 * self.rows + len(self.tokens)
         for k, t in enumerate(new):
@@ -159,8 +171,10 @@ class RequestLP:
             outcome.iterations += int(info.simplex_iteration_count)
             status = h.getModelStatus()
             if status != highspy.HighsModelStatus.kOptimal:
-                outcome.reason = {highspy.HighsModelStatus.kIterationLimit: "work budget",
-                                  highspy.HighsModelStatus.kTimeLimit: "time budget"}.get(status, h.modelStatusToString(status))
+                outcome.reason = {
+                    highspy.HighsModelStatus.kIterationLimit: "work budget",
+                    highspy.HighsModelStatus.kTimeLimit: "time budget",
+                }.get(status, h.modelStatusToString(status))
                 return outcome
             delta = float(info.objective_function_value) / a_norm
             solution = h.getSolution()

@@ -5,11 +5,15 @@ scale each. Dequantized to float32 (what the engine multiplies with, and what `B
 exactly ``scale * int8``; `q8_parts` checks that, block by block, in exact arithmetic. The product then
 reads a quarter of the bytes (W of Gemma 3, 671 MB in float32, does not fit this machine's cache).
 
-The kernel is a small C file (native/q8_matvec.c) compiled once per machine with the system's C
-compiler into the user cache, and tested in a separate process before first use (a CPU that announces
-an instruction set it does not run would otherwise kill the engine's process). No compiler, no AVX2,
-a failed test or BAT_NATIVE=0: numpy's float32 product is used, with the same decisions.
+The kernel is a small C file (native/q8_matvec.c) compiled at set-up (`python -m bat_core`, run by
+scripts/setup.sh) with the system's C compiler into the user cache, with fixed instruction-set flags
+(`VARIANTS`: AVX2 + FMA, or AVX-512F on top), the widest that this CPU reports, and tested in a separate
+process before it is kept (a CPU that announces an instruction set it does not run would otherwise kill the
+engine's process). An engine process only loads it, and only where the CPU reports the variant's
+instruction sets; it never compiles. Not built, no compiler, no AVX2, a failed test or BAT_NATIVE=0:
+numpy's float32 product is used, with the same decisions.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -26,10 +30,17 @@ from pathlib import Path
 
 import numpy as np
 
+from .paths import cache_root
+
 BLOCK = 32  # values per scale in GGUF Q8_0
 _CHUNK_ROWS = 8192
 _SOURCE = Path(__file__).with_name("native") / "q8_matvec.c"
-_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC"]  # no fast-math: the rounding bound needs IEEE arithmetic
+_FLAGS = ["-O3", "-shared", "-fPIC"]  # no fast-math: the rounding bound needs IEEE arithmetic
+# instruction sets of each build, widest first, with the /proc/cpuinfo flags a CPU needs to run it
+VARIANTS = {
+    "avx512": (["-mavx512f", "-mavx2", "-mfma"], {"avx512f", "avx2", "fma"}),
+    "avx2": (["-mavx2", "-mfma"], {"avx2", "fma"}),
+}
 
 logger = logging.getLogger(__name__)
 _lock = threading.Lock()
@@ -66,24 +77,12 @@ for v, d in ((37, 32), (200, 96), (513, 640)):
     weight, norm = rng.uniform(size=v), rng.uniform(1, 2, size=v)
     sums = np.empty(2)
     library.bat_tail_sums(*(a.ctypes.data_as(ctypes.c_void_p) for a in (out, weight, norm)), None, ctypes.c_int64(v),
-                          ctypes.c_double(0.5), ctypes.c_double(1e-6), ctypes.c_double(0.1), sums.ctypes.data_as(ctypes.c_void_p))
+                          ctypes.c_double(0.5), ctypes.c_double(1e-6), ctypes.c_double(0.1),
+                          sums.ctypes.data_as(ctypes.c_void_p))
     c = out.astype(np.float64) + 0.5
     hi, lo = c + 1e-6 * norm, c - 1e-6 * norm
     if not np.allclose(sums, [weight @ np.maximum(0.1 * hi, -lo), weight @ np.maximum(-0.1 * lo, hi)], rtol=1e-9):
         sys.exit("the value sums differ from numpy's")
-    rows = np.array(sorted({0, v // 3, v // 2, v - 1}), dtype=np.int64)
-    y32 = y.astype(np.float32)
-    sums = np.empty(3)
-    library.bat_q8_rows_tail_sums(*(a.ctypes.data_as(ctypes.c_void_p) for a in (q, s, rows)), ctypes.c_int64(len(rows)),
-                                  y32.ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(d),
-                                  *(a.ctypes.data_as(ctypes.c_void_p) for a in (weight, norm)), None,
-                                  ctypes.c_double(0.5), ctypes.c_double(1e-6), ctypes.c_double(0.1), sums.ctypes.data_as(ctypes.c_void_p))
-    u = out[rows].astype(np.float64)  # the same row products as bat_q8_matvec's
-    c, w, n = u + 0.5, weight[rows], norm[rows]
-    hi, lo = c + 1e-6 * n, c - 1e-6 * n
-    low = np.maximum(np.abs(u) - 1e-6 * n, 0)
-    if not np.allclose(sums, [w @ np.maximum(0.1 * hi, -lo), w @ np.maximum(-0.1 * lo, hi), low @ low], rtol=1e-9):
-        sys.exit("the row value sums differ from numpy's")
 """
 
 
@@ -112,32 +111,61 @@ def q8_parts(W: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def _cache_dir() -> Path:
-    """Beside the vLLM adapter's model folders: $BAT_CACHE, default ~/.cache/bat-sampling."""
-    return Path(os.environ.get("BAT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "bat-sampling"))) / "native"
+    """Beside the converted model folders (bat_models.hf_folder), under `cache_root()`."""
+    return cache_root() / "native"
 
 
-def _machine_key(compiler: str) -> str:
-    """The library depends on the source, the flags, the compiler and the CPU it was built on."""
-    cpu = platform.processor()
+def _cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo") as handle:
-            cpu = next((line for line in handle if line.startswith("flags")), cpu)
+            return set(next((line for line in handle if line.startswith("flags")), "").split())
     except OSError:
-        pass
-    text = "\n".join([_SOURCE.read_text(), " ".join(_FLAGS), compiler, platform.machine(), cpu])
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return set()
 
 
-def _build(compiler: str, target: Path) -> str | None:
+def variant() -> str | None:
+    """The widest build in `VARIANTS` that this CPU runs, or None (not x86-64, no AVX2)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    flags = _cpu_flags()
+    return next((name for name, (_, needs) in VARIANTS.items() if needs <= flags), None)
+
+
+def library_path(name: str) -> Path:
+    """Where the build `name` lives: its file name depends on the source and the flags only."""
+    text = "\n".join([_SOURCE.read_text(), " ".join(_FLAGS + VARIANTS[name][0]), platform.machine()])
+    return _cache_dir() / f"q8_matvec-{name}-{hashlib.sha256(text.encode()).hexdigest()[:16]}.so"
+
+
+def build() -> str:
+    """Compile and test the build for this CPU into the user cache, unless it is there (set-up runs this);
+    the reason it is not usable, or "built"."""
+    name = variant()
+    if name is None:
+        return f"this CPU ({platform.machine()}) has no AVX2 and FMA"
+    target = library_path(name)
+    if target.exists():
+        return "built"
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if compiler is None:
+        return "no C compiler (cc or $CC) on PATH"
+    return _build(compiler, target, VARIANTS[name][0]) or "built"
+
+
+def _build(compiler: str, target: Path, flags: list[str]) -> str | None:
     """Compile and test the library into `target`; the reason it failed, or None."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        run = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(built)], capture_output=True, text=True)
+        run = subprocess.run(
+            [compiler, *_FLAGS, *flags, str(_SOURCE), "-o", str(built)], capture_output=True, text=True
+        )
         if run.returncode != 0:
             last = ((run.stderr or run.stdout).strip().splitlines() or ["no message"])[-1]
             return f"{compiler} could not build it: {last}"
-        test = subprocess.run([sys.executable, "-c", _SELF_TEST, str(built)], capture_output=True, text=True, timeout=120)
+        test = subprocess.run(
+            [sys.executable, "-c", _SELF_TEST, str(built)], capture_output=True, text=True, timeout=120
+        )
         if test.returncode != 0:
             return f"its self-test failed (exit status {test.returncode}): {test.stderr.strip()[-300:]}"
         os.replace(built, target)  # atomic: another process never loads a half-written library
@@ -146,9 +174,8 @@ def _build(compiler: str, target: Path) -> str | None:
 
 
 def _prune(folder: Path, keep: Path, limit: int = 8) -> None:
-    """Remove all but the `limit` most recently built libraries (each change of the source, flags, compiler
-    or CPU builds a new one). A library a running process has loaded stays mapped; a process that starts
-    later on an older version builds it again (about a second)."""
+    """Remove all but the `limit` most recently built libraries (each change of the source or the flags
+    builds a new one). A library a running process has loaded stays mapped."""
     try:
         built = sorted(folder.glob("q8_matvec-*.so"), key=lambda path: path.stat().st_mtime, reverse=True)
     except OSError:  # another process pruned at the same time
@@ -159,7 +186,7 @@ def _prune(folder: Path, keep: Path, limit: int = 8) -> None:
 
 
 def kernel():
-    """The compiled products (a ctypes library), or None; built and tested on first call."""
+    """The compiled products (a ctypes library), or None; loaded on first call (built at set-up)."""
     global _kernel, _reason
     if _kernel is not None:  # settled: no lock on the per-decision path
         return _kernel or None
@@ -178,31 +205,34 @@ def kernel():
 
 def kernel_status() -> str:
     """Why the compiled product is or is not in use (for logs and benchmarks)."""
-    return "in use" if kernel() else _reason
+    kernel()
+    return _reason
 
 
 def _load():
     if os.environ.get("BAT_NATIVE", "1") == "0":
         return False, "BAT_NATIVE=0"
-    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if compiler is None:
-        return False, "no C compiler (cc or $CC) on PATH"
-    target = _cache_dir() / f"q8_matvec-{_machine_key(compiler)}.so"
+    name = variant()
+    if name is None:
+        return False, f"this CPU ({platform.machine()}) has no AVX2 and FMA"
+    target = library_path(name)
     if not target.exists():
-        failure = _build(compiler, target)
-        if failure:
-            return False, failure
+        return False, "not built on this machine: run `python -m bat_core` (scripts/setup.sh does)"
     library = ctypes.CDLL(str(target))
     library.bat_q8_matvec.restype = library.bat_q8_rows_product.restype = None
     library.bat_q8_matvec.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
-    library.bat_q8_rows_product.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
-                                                                     ctypes.c_void_p, ctypes.c_int64]
+    library.bat_q8_rows_product.argtypes = [ctypes.c_void_p] * 3 + [
+        ctypes.c_int64,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+    ]
     library.bat_tail_sums.restype = None
-    library.bat_tail_sums.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] + [ctypes.c_double] * 3 + [ctypes.c_void_p]
-    library.bat_q8_rows_tail_sums.restype = None
-    library.bat_q8_rows_tail_sums.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
-                                              + [ctypes.c_void_p] * 3 + [ctypes.c_double] * 3 + [ctypes.c_void_p])
-    return library, "in use"
+    library.bat_tail_sums.argtypes = (
+        [ctypes.c_void_p] * 4 + [ctypes.c_int64] + [ctypes.c_double] * 3 + [ctypes.c_void_p]
+    )
+    return library, f"in use ({name})"
 
 
 class Q8Rows:
@@ -213,7 +243,7 @@ class Q8Rows:
         self.hidden_size = values.shape[1]
 
     @classmethod
-    def of(cls, W: np.ndarray) -> "Q8Rows | None":
+    def of(cls, W: np.ndarray) -> Q8Rows | None:
         library = kernel()
         if library is None:
             return None
@@ -222,33 +252,38 @@ class Q8Rows:
 
     def product(self, y: np.ndarray, out: np.ndarray, start: int, stop: int) -> None:
         """out[start:stop] = (W y)[start:stop]; y float32 contiguous. Releases the GIL (ctypes)."""
-        self._library.bat_q8_matvec(self.values.ctypes.data, self.scales.ctypes.data, y.ctypes.data,
-                                    out.ctypes.data, self.hidden_size, start, stop)
-
-    def rows_value_sums(self, tokens: np.ndarray, y: np.ndarray, weight: np.ndarray, norm: np.ndarray,
-                        scale: np.ndarray | None, y0: float, g: float, tprime: float, out: np.ndarray) -> None:
-        """out[:3] = bat_q8_rows_tail_sums over `tokens` (int64, contiguous; see native/q8_matvec.c): the value
-        sums of those rows and a lower bound of their energy, without a product over the vocabulary. y: float32;
-        weight, norm, scale: float64 over the vocabulary, contiguous. Releases the GIL (ctypes)."""
-        self._library.bat_q8_rows_tail_sums(self.values.ctypes.data, self.scales.ctypes.data, tokens.ctypes.data,
-                                            len(tokens), y.ctypes.data, self.hidden_size, weight.ctypes.data,
-                                            norm.ctypes.data, None if scale is None else scale.ctypes.data,
-                                            y0, g, tprime, out.ctypes.data)
+        self._library.bat_q8_matvec(
+            self.values.ctypes.data,
+            self.scales.ctypes.data,
+            y.ctypes.data,
+            out.ctypes.data,
+            self.hidden_size,
+            start,
+            stop,
+        )
 
     def rows_product(self, tokens: np.ndarray, Y: np.ndarray) -> np.ndarray:
-        """W[tokens] @ Y in float64 ([n, m]) without a float64 copy of the rows: 0.6 ms instead of 1.3 ms
-        for the 1025 head rows and 5 certificates here. Same rounding bound as a float64 BLAS product."""
+        """W[tokens] @ Y in float64 ([n, m]) without a float64 copy of the rows (half the time of the copy and a
+        BLAS product on the head). Same rounding bound as a float64 BLAS product."""
         tokens = np.ascontiguousarray(tokens, dtype=np.int64)
         Yt = np.ascontiguousarray(np.asarray(Y, dtype=np.float64).T)
         out = np.empty((len(tokens), Yt.shape[0]))
-        self._library.bat_q8_rows_product(self.values.ctypes.data, self.scales.ctypes.data, tokens.ctypes.data,
-                                          len(tokens), Yt.ctypes.data, Yt.shape[0], out.ctypes.data,
-                                          self.hidden_size)
+        self._library.bat_q8_rows_product(
+            self.values.ctypes.data,
+            self.scales.ctypes.data,
+            tokens.ctypes.data,
+            len(tokens),
+            Yt.ctypes.data,
+            Yt.shape[0],
+            out.ctypes.data,
+            self.hidden_size,
+        )
         return out
 
 
-def value_sums(u: np.ndarray, weight: np.ndarray, norm: np.ndarray, scale: np.ndarray | None, y0: float,
-               g: float, tprime: float) -> tuple[float, float] | None:
+def value_sums(
+    u: np.ndarray, weight: np.ndarray, norm: np.ndarray, scale: np.ndarray | None, y0: float, g: float, tprime: float
+) -> tuple[float, float] | None:
     """The compiled pass of certify.py's `Step.full_value` over the vocabulary (see bat_tail_sums in
     native/q8_matvec.c), or None without the compiled library. u: float32; the rest float64."""
     library = kernel()
@@ -262,6 +297,15 @@ def value_sums(u: np.ndarray, weight: np.ndarray, norm: np.ndarray, scale: np.nd
     if not len(u) == len(weight) == len(norm) == (len(u) if scale is None else len(scale)):
         raise ValueError("value_sums: u, weight, norm and scale must have one entry per token")
     sums = np.empty(2)
-    library.bat_tail_sums(u.ctypes.data, weight.ctypes.data, norm.ctypes.data,
-                          None if scale is None else scale.ctypes.data, len(u), y0, g, tprime, sums.ctypes.data)
+    library.bat_tail_sums(
+        u.ctypes.data,
+        weight.ctypes.data,
+        norm.ctypes.data,
+        None if scale is None else scale.ctypes.data,
+        len(u),
+        y0,
+        g,
+        tprime,
+        sums.ctypes.data,
+    )
     return float(sums[0]), float(sums[1])

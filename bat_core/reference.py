@@ -15,6 +15,7 @@ its answer when the certificate it returns checks out in float64 over the whole 
 x with residual <= tol: reject; a Farkas ray with value > tol * ||a_i||_1: accept). Anything else
 falls through to the L1 problem above, whose optimum always exists.
 """
+
 from __future__ import annotations
 
 import time

@@ -7,6 +7,7 @@ optional `bat_mode` ("sample", "mask", or "threshold": the plain rule without BA
 budgets first; default GENERATION_TIME_BUDGET, at most the operator's BAT_MAX_TIME_BUDGET; 0: certificate
 search only). Values may arrive as strings (HTTP forms).
 """
+
 from __future__ import annotations
 
 import os
@@ -14,8 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .config import GENERATION_TIME_BUDGET
 from .errors import BatError
-from .solver import GENERATION_TIME_BUDGET
 from .thresholds import ThresholdRule
 
 RULE_KEYS = {"bat_eta": "eta", "bat_epsilon": "epsilon", "bat_tau": "tau"}
@@ -45,7 +46,9 @@ def max_time_budget() -> float:
     except ValueError:
         value = float("nan")
     if not 0.0 <= value <= 60.0:
-        raise BatError(f"BAT_MAX_TIME_BUDGET={raw!r}: set a number of seconds in [0, 60] (default {DEFAULT_MAX_TIME_BUDGET})")
+        raise BatError(
+            f"BAT_MAX_TIME_BUDGET={raw!r}: set a number of seconds in [0, 60] (default {DEFAULT_MAX_TIME_BUDGET})"
+        )
     return value
 
 
@@ -85,8 +88,10 @@ def request_settings(extra: Mapping[str, Any] | None, default_seed: Any = None) 
     else:  # the exact default, within the operator's bound (0 there: certificate search only)
         budget = min(GENERATION_TIME_BUDGET, limit)
     if not 0.0 <= budget <= limit:
-        raise BatError(f"bat_time_budget={budget} must lie in [0, {limit}] seconds: this server's limit "
-                       "(BAT_MAX_TIME_BUDGET); 0 is the certificate search only")
+        raise BatError(
+            f"bat_time_budget={budget} must lie in [0, {limit}] seconds: this server's limit "
+            "(BAT_MAX_TIME_BUDGET); 0 is the certificate search only"
+        )
     return RequestSettings(rule, mode, seed, budget)
 
 

@@ -6,7 +6,8 @@
   the sampler, not to the decision, which is the LP's answer for every token).
 - ``mask``: a sound accepted set over the whole vocabulary: tokens at or above tau, the argmax, and
   every sub-threshold token proven among a fixed number of exact decisions per step (most probable
-  first; one certificate can prove many tokens at once). The mass left undecided is reported; undecided tokens are not in the mask.
+  first; one certificate can prove many tokens at once). The mass left undecided is reported; undecided
+  tokens are not in the mask.
 
 Both take `allowed`, the tokens a grammar permits at this step: BAT then decides on the raw
 distribution as always, draws only among allowed tokens, and "the argmax" becomes the most probable
@@ -16,6 +17,7 @@ of another step is reused), so an engine that repeats, skips or reorders steps (
 prefill, preemption) still reproduces a seed. Without `step` the request's generator runs as one
 stream and certificates carry over from step to step.
 """
+
 from __future__ import annotations
 
 import time
@@ -25,8 +27,9 @@ from typing import Any
 import numpy as np
 
 from .basis import Basis
+from .config import BatConfig
 from .errors import BatError
-from .solver import BatConfig, BatSolver, Decision
+from .solver import BatSolver, Decision
 from .thresholds import ThresholdRule
 
 MODES = ("sample", "mask")
@@ -127,7 +130,9 @@ class BatSampler:
         self.max_rejections = max_rejections
         self.mask_candidates = mask_candidates
         # the clock of a mask step, a safety net like the decisions' own: room for each candidate's clock
-        self.mask_budget = mask_budget if mask_budget is not None else max(1.0, mask_candidates * self.solver.config.time_budget)
+        self.mask_budget = (
+            mask_budget if mask_budget is not None else max(1.0, mask_candidates * self.solver.config.time_budget)
+        )
 
     @property
     def stats(self):
@@ -183,14 +188,20 @@ class BatSampler:
         mask = np.asarray(allowed)
         v = self.basis.vocab_size
         if mask.dtype != bool or mask.ndim != 1 or len(mask) < v:
-            raise BatError(f"allowed must be a boolean mask over the {v} tokens of the vocabulary, got {mask.dtype} {mask.shape}")
+            raise BatError(
+                f"allowed must be a boolean mask over the {v} tokens of the vocabulary, got {mask.dtype} {mask.shape}"
+            )
         mask = mask[:v]
         if not mask.any():
             raise BatError("no token is allowed at this step (the grammar permits none of the vocabulary)")
         return mask
 
     def mask(
-        self, logits: Any, budget: float | None = None, candidates: int | None = None, step: int | None = None,
+        self,
+        logits: Any,
+        budget: float | None = None,
+        candidates: int | None = None,
+        step: int | None = None,
         allowed: Any = None,
     ) -> MaskResult:
         """The proven accepted set over the whole vocabulary (within `allowed`, where given).

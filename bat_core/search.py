@@ -8,6 +8,7 @@ certify.py), gives a closed form: y = G^-1 a_i / (a_i' G^-1 a_i). In whitened co
 K x K solve (K = head size) and the per-candidate work a few (d+1)-vectors. Whatever this finds is
 only a candidate: certify.py proves it or discards it.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -17,6 +17,7 @@ On a reduced basis (`Basis.reduced`, constraint reduction) every accept is prove
 W: its certificate, lifted to R^(d+1), must pass the same check there, or the token is rejected.
 Accept certificates are therefore always vectors for [W, 1] of the full model.
 """
+
 from __future__ import annotations
 
 import time
@@ -28,89 +29,12 @@ import numpy as np
 
 from .basis import Basis
 from .certify import Step
+from .config import BatConfig
 from .errors import BatError
 from .feasible import RegressionSearch, WorkingSet, feasible_point
 from .lp import RequestLP
 from .search import WeightedLeastSquares
 from .thresholds import ThresholdRule
-
-
-GENERATION_TIME_BUDGET = 10.0  # the adapters' clock per decision (a safety net: the work budgets end decisions first)
-
-
-@dataclass
-class BatConfig:
-    """Knobs of the decision engine. Defaults suit a 2-core CPU and vocabularies of 50k-260k tokens."""
-
-    tol: float = 1e-6  # relative infeasibility at or below which a decision counts as reject
-    # seconds per decision: only a safety net, as the work budgets below end a decision first; when it fires the
-    # decision is a counted fallback ("time budget") and a seed's text may depend on the machine's load.
-    # 0 = certificate search only (no proof search, no LP)
-    time_budget: float = 2.0
-    lp_iterations: int = 500  # dual simplex iterations per decision over all its LPs: the LPs' deterministic budget
-    head_size: int = 1024  # tokens whose products are computed exactly in float64
-    # most probable tokens whose products a certificate check makes before the whole vocabulary, in stages (opt-in:
-    # off by default, as gathering the rows of a third of the vocabulary from memory took as long as the
-    # product over all of it, and (16384, 32768) made the median decision slower on SmolLM2 and Gemma 3; docs/core.md)
-    near_sizes: tuple[int, ...] = ()
-    # tokens weighted in the least-squares certificate search: 256 found no more than 128 on SmolLM2; 64 took
-    # 0.86-0.91x the time of the certificate search (paired A/Bs) but lost 2 of 130 accepts at tau 0.1 and
-    # 9 of 378 in vLLM's benchmark at eta 0.0009, for about 0.5% of its throughput
-    lsq_head: int = 128
-    lsq_refine: int = 3  # reweighted least-squares iterations per candidate (0: plain least squares only)
-    search_levels: tuple[int, ...] = (32, 128)  # singular directions of the search LPs (() turns them off)
-    search_columns: int = 256  # initial tokens in a search LP (1024: same accepts, slower, on 40 hard SmolLM2 candidates)
-    search_rounds: int = 4  # column-generation rounds of a search LP
-    lp_columns: int = 128  # initial working set of the exact LP (1024 took 2-8x longer on 5 hard SmolLM2 candidates)
-    lp_grow: int = 256  # tokens added per column-generation round of the exact LP
-    lp_max_rounds: int = 12  # column-generation rounds before a fallback
-    point_columns: tuple[int, ...] = (2048, 8192)  # working sets of the feasible-point search, tried in turn (the first also starts the regression)
-    point_rounds: int = 16  # clip-and-re-solve rounds of that search (0 turns it off; 8 missed one of 35 hard candidates)
-    regression_iterations: int = 32  # reweighted least-squares iterations with column generation (0: off)
-    regression_first: int = 4  # of those, the ones before the feasible-point search on the larger working sets
-    regression_grow: int = 512  # tokens joining its working set per iteration
-    regression_columns: int = 12288  # its largest working set
-    cache_size: int = 4  # recent certificates re-tried before the LPs and in mask mode (16 found no more on SmolLM2)
-    full_checks: int = 1  # best-ranked certificate candidates per token checked over the whole vocabulary
-    min_probability: float = 1e-10  # below this, float64 cannot verify a certificate: reject
-
-    @classmethod
-    def for_generation(cls, time_budget: float | None = None, **overrides: Any) -> "BatConfig":
-        """The adapters' setting while generating: the exact path with its work budgets, and the clock of
-        GENERATION_TIME_BUDGET seconds per decision as the safety net (`time_budget`; 0: certificate
-        search only, the cheapest setting, which leaves a third of the sub-threshold draws unproven)."""
-        budget = GENERATION_TIME_BUDGET if time_budget is None else time_budget
-        if budget == 0:  # the certificate search alone stays as it was measured: no reweighted pass
-            overrides = {"lsq_refine": 0, **overrides}
-        return cls(time_budget=budget, **overrides)
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.min_probability < 1e-3:
-            raise BatError(f"min_probability={self.min_probability} must lie in [0, 1e-3) (default 1e-10)")
-        if not 1e-12 <= self.tol <= 1e-2:
-            raise BatError(f"tol={self.tol} must lie in [1e-12, 1e-2] (default 1e-6)")
-        if not 0 <= int(self.point_rounds) <= 100:
-            raise BatError(f"point_rounds={self.point_rounds} must be an integer in [0, 100] (0: no feasible-point search)")
-        if not 0 <= int(self.lsq_refine) <= 50:
-            raise BatError(f"lsq_refine={self.lsq_refine} must be an integer in [0, 50]")
-        if not self.time_budget >= 0:
-            raise BatError(f"time_budget={self.time_budget} must be a number of seconds >= 0 (0: certificate search only)")
-        if not 0 <= int(self.lp_iterations) <= 10**7:
-            raise BatError(f"lp_iterations={self.lp_iterations} must be an integer in [0, 10^7] (0: no LP stages)")
-        self.search_levels = tuple(int(k) for k in self.search_levels)
-        if any(k < 1 for k in self.search_levels):
-            raise BatError(f"search_levels={self.search_levels} must be positive numbers of directions")
-        self.point_columns = tuple(int(k) for k in self.point_columns)
-        if not self.point_columns or any(k < 1 for k in self.point_columns):
-            raise BatError(f"point_columns={self.point_columns} must be positive numbers of tokens, smallest first")
-        if not 0 <= int(self.regression_iterations) <= 1000:
-            raise BatError(f"regression_iterations={self.regression_iterations} must be an integer in [0, 1000] (0: off)")
-        self.near_sizes = tuple(int(k) for k in self.near_sizes)
-        if any(k < 1 for k in self.near_sizes):
-            raise BatError(f"near_sizes={self.near_sizes} must be positive numbers of tokens (() turns the stages off)")
-        for name in ("full_checks", "head_size", "lsq_head", "regression_grow", "regression_columns", "search_columns", "search_rounds", "lp_columns", "lp_grow", "lp_max_rounds"):
-            if int(getattr(self, name)) < 1:
-                raise BatError(f"{name} must be a positive integer")
 
 
 @dataclass
@@ -145,7 +69,8 @@ class RejectCertificate:
 class Decision:
     token: int
     accepted: bool
-    method: str  # threshold | argmax | certificate (accept or reject, found without the exact LP) | lp | resolution | fallback
+    # threshold | argmax | certificate (accept or reject, found without the exact LP) | lp | resolution | fallback
+    method: str
     certificate: AcceptCertificate | RejectCertificate | None = None
 
 
@@ -158,7 +83,6 @@ class BatStats:
     by_threshold: int = 0
     by_certificate: int = 0  # accepts and rejects proven without the exact LP
     rejected_by_point: int = 0  # of those, rejects by a feasible point from the clipped least squares
-    near_products: int = 0  # certificate checks settled by the products of the near tokens (Step.near) alone
     vocabulary_products: int = 0  # certificate checks that made a product over the whole vocabulary
     by_lp: int = 0
     accepted: int = 0
@@ -171,7 +95,9 @@ class BatStats:
     below_resolution: int = 0
     seconds: float = 0.0
     fallback_reasons: dict[str, int] = field(default_factory=dict)
-    accepts_by_source: dict[str, int] = field(default_factory=dict)  # least-squares | reweighted | cache | regression | search-k | lp
+    accepts_by_source: dict[str, int] = field(
+        default_factory=dict
+    )  # least-squares | reweighted | cache | regression | search-k | lp
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -203,10 +129,13 @@ class BatSolver:
             pass
         elif not (isinstance(tau, (float, int, np.floating)) and 0.0 < float(tau) < 1.0):
             raise BatError(f"tau={tau!r} must lie strictly between 0 and 1")
-        step = Step.build(self.basis, logits, tau, head_size=self.config.head_size, near_sizes=self.config.near_sizes)
+        step = Step.build(self.basis, logits, tau, head_size=self.config.head_size)
         self._step_id += 1
         self._rejects = []
-        self._lsq, self._working = None, {}  # the previous step's factorizations (and the distribution they hold) can go
+        self._lsq, self._working = (
+            None,
+            {},
+        )  # the previous step's factorizations (and the distribution they hold) can go
         self.stats.steps += 1
         return step
 
@@ -250,8 +179,11 @@ class BatSolver:
                 y = self._lifted(decision.certificate.y)
                 tol = self.config.tol * float(full.tolerance_scale(np.array([t]))[0])
                 value = full.full_value(y, t, enough=tol)
-                decision = Decision(t, True, decision.method, AcceptCertificate(t, y, value)) if value > tol else \
-                    self._fallback(t, "not proven on the full matrix")
+                decision = (
+                    Decision(t, True, decision.method, AcceptCertificate(t, y, value))
+                    if value > tol
+                    else self._fallback(t, "not proven on the full matrix")
+                )
             out[t] = decision
         return out
 
@@ -261,8 +193,10 @@ class BatSolver:
 
         `deadline` (a time.perf_counter() value) caps the LP work below the per-decision budget."""
         start = time.perf_counter()
-        products = (step.near_products, step.vocabulary_products)
-        self._deadline = start + self.config.time_budget if deadline is None else min(deadline, start + self.config.time_budget)
+        products = step.vocabulary_products
+        self._deadline = (
+            start + self.config.time_budget if deadline is None else min(deadline, start + self.config.time_budget)
+        )
         tokens = self._check_candidates(candidates)
         decisions: dict[int, Decision] = {}
         pending = []
@@ -280,8 +214,7 @@ class BatSolver:
             found = self._decide_below_tau(step, np.array(pending))
             decisions.update(found if self.basis.parent is None else self._proven_on_full_matrix(step, found))
         out = [decisions[int(t)] for t in tokens]
-        self.stats.near_products += step.near_products - products[0]
-        self.stats.vocabulary_products += step.vocabulary_products - products[1]
+        self.stats.vocabulary_products += step.vocabulary_products - products
         self._count(out, time.perf_counter() - start)
         return out
 
@@ -305,7 +238,9 @@ class BatSolver:
         if not np.issubdtype(tokens.dtype, np.integer):
             raise BatError(f"candidate token ids must be integers, got dtype {tokens.dtype}")
         if tokens.min() < 0 or tokens.max() >= self.basis.vocab_size:
-            raise BatError(f"candidate token ids must lie in [0, {self.basis.vocab_size}); got {tokens.min()}..{tokens.max()}")
+            raise BatError(
+                f"candidate token ids must lie in [0, {self.basis.vocab_size}); got {tokens.min()}..{tokens.max()}"
+            )
         return tokens.astype(np.int64)
 
     def _decide_below_tau(self, step: Step, pending: np.ndarray) -> dict[int, Decision]:
@@ -357,8 +292,13 @@ class BatSolver:
             decision = self._feasible_point(step, t, sizes[:1])
             regression = None
             if decision is None and cfg.regression_iterations:
-                regression = RegressionSearch(self._working_set(step, cfg.point_columns[0]), t, cfg.tol,
-                                              cfg.regression_grow, cfg.regression_columns)
+                regression = RegressionSearch(
+                    self._working_set(step, cfg.point_columns[0]),
+                    t,
+                    cfg.tol,
+                    cfg.regression_grow,
+                    cfg.regression_columns,
+                )
                 decision = self._regression(regression, min(cfg.regression_first, cfg.regression_iterations))
             if decision is None:
                 decision = self._feasible_point(step, t, sizes[1:])
@@ -419,7 +359,7 @@ class BatSolver:
         """Prove what the certificate candidates Y can prove for `pending`, token by token: Y and its
         columns with re-chosen constant components (Step.with_best_offsets), ranked by their value on the
         head; the most promising columns only are proven by Step.full_value (a cheap bound of the tail
-        first, then the near tokens' products, then one float32 product over the vocabulary)."""
+        first, then one float32 product over the vocabulary)."""
         found = {}
         for token in pending:
             token = int(token)
@@ -434,7 +374,9 @@ class BatSolver:
                 if not ranking[col] > tol:
                     break  # the tail only lowers the value: no product can prove this column
                 y = Yt[:, col]
-                value = step.full_value(y, token, ut[:, col], enough=tol)  # cheap tail bound, near stages, vocabulary
+                value = step.full_value(
+                    y, token, ut[:, col], enough=tol
+                )  # a cheap bound of the tail, then the vocabulary
                 if value > tol:
                     found[token] = (AcceptCertificate(token, y.copy(), value), int(col) % Y.shape[1])
                     self._remember(found[token][0].y)
@@ -445,7 +387,9 @@ class BatSolver:
         if not any(np.array_equal(y, old) for old in self._cache):
             self._cache.appendleft(y)
 
-    def _search_directions(self, step: Step, pending: np.ndarray, k: int, iterations_left: dict[int, int]) -> np.ndarray | None:
+    def _search_directions(
+        self, step: Step, pending: np.ndarray, k: int, iterations_left: dict[int, int]
+    ) -> np.ndarray | None:
         """Accept certificates of the L1 LP reduced to the top-k singular directions of W (column
         generation included), mapped back to R^(d+1); None when it proves nothing. Spends from each
         candidate's `iterations_left`."""
@@ -464,8 +408,14 @@ class BatSolver:
             if iterations_left[t] <= 0:
                 continue
             outcome = lp.solve(
-                small, self._step_id, t, step.head[: cfg.search_columns], cfg.tol, self._deadline,
-                max_rounds=cfg.search_rounds, iterations=iterations_left[t],
+                small,
+                self._step_id,
+                t,
+                step.head[: cfg.search_columns],
+                cfg.tol,
+                self._deadline,
+                max_rounds=cfg.search_rounds,
+                iterations=iterations_left[t],
             )
             iterations_left[t] -= outcome.iterations
             self.stats.lp_solves += outcome.solves
@@ -483,8 +433,15 @@ class BatSolver:
         if self._lp is None:
             self._lp = RequestLP(self.basis.hidden_size, max_columns=max(4096, 4 * cfg.lp_columns))
         outcome = self._lp.solve(
-            step, self._step_id, token, step.head[: cfg.lp_columns], cfg.tol, self._deadline,
-            max_rounds=cfg.lp_max_rounds, grow=cfg.lp_grow, iterations=iterations_left[token],
+            step,
+            self._step_id,
+            token,
+            step.head[: cfg.lp_columns],
+            cfg.tol,
+            self._deadline,
+            max_rounds=cfg.lp_max_rounds,
+            grow=cfg.lp_grow,
+            iterations=iterations_left[token],
         )
         self.stats.lp_solves += outcome.solves
         self.stats.lp_rounds += outcome.rounds

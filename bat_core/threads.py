@@ -5,6 +5,7 @@
 - numpy's BLAS (OpenBLAS) keeps its threads spinning after each call; next to an engine on few cores
   that spinning steals the engine's cores (`limit_blas_threads`).
 """
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Threshold rules that give the base threshold tau of BAT (vectorized over rows of probabilities)."""
+
 from __future__ import annotations
 
 import math

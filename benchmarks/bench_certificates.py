@@ -8,6 +8,7 @@ Distributions come from 4 prompts x 30 steps of SmolLM2's own sampling in llama.
 per step are drawn below tau in proportion to p_hat (as the paper's sampler meets them). One request
 solver per setting decides them in order (its certificate cache included). Prints and writes JSON.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,12 +19,17 @@ import time
 
 import numpy as np
 
-sys.path[:0] = [os.path.join(os.path.dirname(__file__), "..", "adapters"), os.path.join(os.path.dirname(__file__), "..")]
+sys.path[:0] = [
+    os.path.join(os.path.dirname(__file__), "..", "adapters"),
+    os.path.join(os.path.dirname(__file__), ".."),
+]
 
-import bat_core  # noqa: E402
-from bat_llamacpp.models import smollm2_path  # noqa: E402
-from bat_llamacpp.processor import basis_for_file  # noqa: E402
-from bat_llamacpp.trajectories import load_llama, sampled_logits  # noqa: E402
+import bat_core
+from bat_llamacpp.trajectories import load_llama, sampled_logits
+from bat_models import (
+    basis_for,
+    smollm2_path,
+)
 
 PROMPTS = ["Once upon a time", "The history of Rome", "Dear hiring manager,", "To bake bread, first"]
 
@@ -39,7 +45,7 @@ def main() -> int:
     bat_core.limit_blas_threads()
     rule = bat_core.ThresholdRule(args.rule, args.value)
     logits = sampled_logits(load_llama(smollm2_path()), PROMPTS, args.steps)
-    basis = basis_for_file(smollm2_path())
+    basis = basis_for(smollm2_path())
     basis.prepare(bat_core.BatConfig())
     rng = np.random.default_rng(0)
     cases = []
@@ -57,13 +63,26 @@ def main() -> int:
             solver.decide(solver.new_step(z, rule), [token])
             seconds.append(time.perf_counter() - start)
         stats = solver.stats
-        rows.append({"lsq_refine": refine, "candidates": len(cases), "accepted": stats.accepted,
-                     "unproven": stats.fallbacks, "median_ms": 1000 * float(np.median(seconds)),
-                     "mean_ms": 1000 * float(np.mean(seconds)), "accepts_by_source": stats.accepts_by_source})
-        print(f"{args.rule} {args.value}: lsq_refine={refine}: {stats.accepted}/{len(cases)} proven, "
-              f"{stats.fallbacks} unproven, median {rows[-1]['median_ms']:.1f} ms, mean {rows[-1]['mean_ms']:.1f} ms, "
-              f"by source {stats.accepts_by_source}", flush=True)
-    out = args.out or os.path.join(os.path.dirname(__file__), "results", f"certificates_{args.rule}_{args.value:g}.json")
+        rows.append(
+            {
+                "lsq_refine": refine,
+                "candidates": len(cases),
+                "accepted": stats.accepted,
+                "unproven": stats.fallbacks,
+                "median_ms": 1000 * float(np.median(seconds)),
+                "mean_ms": 1000 * float(np.mean(seconds)),
+                "accepts_by_source": stats.accepts_by_source,
+            }
+        )
+        print(
+            f"{args.rule} {args.value}: lsq_refine={refine}: {stats.accepted}/{len(cases)} proven, "
+            f"{stats.fallbacks} unproven, median {rows[-1]['median_ms']:.1f} ms, mean {rows[-1]['mean_ms']:.1f} ms, "
+            f"by source {stats.accepts_by_source}",
+            flush=True,
+        )
+    out = args.out or os.path.join(
+        os.path.dirname(__file__), "results", f"certificates_{args.rule}_{args.value:g}.json"
+    )
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as handle:
         json.dump({"rule": args.rule, "value": args.value, "rows": rows}, handle, indent=1)

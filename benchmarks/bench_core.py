@@ -9,37 +9,62 @@ exact default (BatConfig.for_generation: one BatSolver per trajectory, warm acro
 would) and with certificate search alone, and decides the first --reference sampler candidates with the
 dense reference LP. Prints a table, writes JSON.
 """
+
 from __future__ import annotations
 
 import argparse
-from collections import Counter
 import json
 import os
 import sys
 import time
+from collections import Counter
 
 import numpy as np
 
-sys.path[:0] = [os.path.join(os.path.dirname(__file__), "..", "adapters"), os.path.join(os.path.dirname(__file__), "..")]
+sys.path[:0] = [
+    os.path.join(os.path.dirname(__file__), "..", "adapters"),
+    os.path.join(os.path.dirname(__file__), ".."),
+]
 
-import bat_core  # noqa: E402
-from bat_core.reference import reference_decide_with_deadline  # noqa: E402
-from bat_llamacpp.gguf_weights import read_output_layer  # noqa: E402
-from bat_llamacpp.models import gemma3_270m_path, smollm2_path  # noqa: E402
-from bat_llamacpp.trajectories import load_llama, sampled_logits  # noqa: E402
+import bat_core
+from bat_core.reference import reference_decide_with_deadline
+from bat_llamacpp.trajectories import load_llama, sampled_logits
+from bat_models import (
+    gemma3_270m_path,
+    output_layer,
+    smollm2_path,
+)
 
 PROMPTS = [
-    "Once upon a time", "The capital of France is", "def fibonacci(n):", "In 1905, Albert Einstein published",
-    "My favourite food is", "The weather today", "Dear hiring manager,", "The mitochondria is",
-    "To bake bread, first", "The stock market", "She opened the door and", "import numpy as np\n",
-    "The history of Rome", "Water boils at", "Q: What is the tallest mountain?\nA:", "The best way to learn",
-    "In the beginning", "Breaking news:", "The recipe calls for", "He looked at the sky and",
+    "Once upon a time",
+    "The capital of France is",
+    "def fibonacci(n):",
+    "In 1905, Albert Einstein published",
+    "My favourite food is",
+    "The weather today",
+    "Dear hiring manager,",
+    "The mitochondria is",
+    "To bake bread, first",
+    "The stock market",
+    "She opened the door and",
+    "import numpy as np\n",
+    "The history of Rome",
+    "Water boils at",
+    "Q: What is the tallest mountain?\nA:",
+    "The best way to learn",
+    "In the beginning",
+    "Breaking news:",
+    "The recipe calls for",
+    "He looked at the sky and",
 ]
 
 
 def settings():
-    return {"eta_0.0009": bat_core.ThresholdRule("eta", 0.0009), "eta_0.02": bat_core.ThresholdRule("eta", 0.02),
-            "tau_0.1": bat_core.ThresholdRule("tau", 0.1)}
+    return {
+        "eta_0.0009": bat_core.ThresholdRule("eta", 0.0009),
+        "eta_0.02": bat_core.ThresholdRule("eta", 0.02),
+        "tau_0.1": bat_core.ThresholdRule("tau", 0.1),
+    }
 
 
 def model_path(name: str) -> str:
@@ -62,20 +87,29 @@ def candidate_draws(step, rng: np.random.Generator) -> tuple[int | None, int | N
 
 def decide_row(solver, cert_solver, reduced_solver, step, z, tau_of, token: int, tail: bool) -> dict:
     """One candidate decided by the exact path (warm across the trajectory) and by certificate search alone."""
-    products = (solver.stats.near_products, solver.stats.vocabulary_products)
+    products = solver.stats.vocabulary_products
     reasons = dict(solver.stats.fallback_reasons)
     start = time.perf_counter()
     decision = solver.decide(step, [token])[0]
     reason = [k for k, n in solver.stats.fallback_reasons.items() if n > reasons.get(k, 0)]
-    row = {"tail": bool(tail), "token": token, "p": float(step.p[token]), "tau": step.tau,
-           "accepted": decision.accepted, "method": decision.method, "seconds": time.perf_counter() - start,
-           "fallback_reason": reason[0] if reason else None,
-           "near_products": solver.stats.near_products - products[0],
-           "vocabulary_products": solver.stats.vocabulary_products - products[1]}
+    row = {
+        "tail": bool(tail),
+        "token": token,
+        "p": float(step.p[token]),
+        "tau": step.tau,
+        "accepted": decision.accepted,
+        "method": decision.method,
+        "seconds": time.perf_counter() - start,
+        "fallback_reason": reason[0] if reason else None,
+        "vocabulary_products": solver.stats.vocabulary_products - products,
+    }
     start = time.perf_counter()
     cert_only = cert_solver.decide(cert_solver.new_step(z, tau_of), [token])[0]
-    row.update(cert_only_accepted=cert_only.accepted, cert_only_proven=cert_only.method != "fallback",
-               cert_only_seconds=time.perf_counter() - start)
+    row.update(
+        cert_only_accepted=cert_only.accepted,
+        cert_only_proven=cert_only.method != "fallback",
+        cert_only_seconds=time.perf_counter() - start,
+    )
     if reduced_solver is not None and decision.method != "fallback":
         start = time.perf_counter()
         small = reduced_solver.decide(reduced_solver.new_step(z, tau_of), [token])[0]
@@ -86,27 +120,39 @@ def decide_row(solver, cert_solver, reduced_solver, step, z, tau_of, token: int,
 def kind_summary(rows: list[dict]) -> dict:
     """Median and p99 per decision, and the share left unproven, for the exact path and certificate search."""
     fast = [r["seconds"] for r in rows]
-    return {"candidates": len(rows), "median_ms": 1e3 * percentile(fast, 50), "p99_ms": 1e3 * percentile(fast, 99),
-            "unproven_pct": 100.0 * sum(r["method"] == "fallback" for r in rows) / max(len(rows), 1),
-            "fallback_reasons": dict(Counter(r["fallback_reason"] for r in rows if r["method"] == "fallback")),
-            "certificate_only_median_ms": 1e3 * percentile([r["cert_only_seconds"] for r in rows], 50),
-            "certificate_only_unproven_pct": 100.0 * sum(not r["cert_only_proven"] for r in rows) / max(len(rows), 1)}
+    return {
+        "candidates": len(rows),
+        "median_ms": 1e3 * percentile(fast, 50),
+        "p99_ms": 1e3 * percentile(fast, 99),
+        "unproven_pct": 100.0 * sum(r["method"] == "fallback" for r in rows) / max(len(rows), 1),
+        "fallback_reasons": dict(Counter(r["fallback_reason"] for r in rows if r["method"] == "fallback")),
+        "certificate_only_median_ms": 1e3 * percentile([r["cert_only_seconds"] for r in rows], 50),
+        "certificate_only_unproven_pct": 100.0 * sum(not r["cert_only_proven"] for r in rows) / max(len(rows), 1),
+    }
 
 
 def run(args) -> dict:
     path = model_path(args.model)
     t0 = time.perf_counter()
-    layer = read_output_layer(path)
+    layer = output_layer(path)
     basis = bat_core.Basis(layer.W, bias=layer.bias, softcap=layer.softcap)
     basis.prepare()
     setup_s = time.perf_counter() - t0
-    print(f"model {os.path.basename(path)}: v={basis.vocab_size} d={basis.hidden_size}, basis set-up {setup_s:.1f}s", flush=True)
+    print(
+        f"model {os.path.basename(path)}: v={basis.vocab_size} d={basis.hidden_size}, basis set-up {setup_s:.1f}s",
+        flush=True,
+    )
     llm = load_llama(path)
     steps = max(1, int(np.ceil(args.candidates / len(PROMPTS))))
     logits = sampled_logits(llm, PROMPTS, steps=steps, seed=args.seed)
     del llm
-    report = {"model": os.path.basename(path), "vocab": basis.vocab_size, "hidden": basis.hidden_size,
-              "basis_setup_s": setup_s, "settings": {}}
+    report = {
+        "model": os.path.basename(path),
+        "vocab": basis.vocab_size,
+        "hidden": basis.hidden_size,
+        "basis_setup_s": setup_s,
+        "settings": {},
+    }
     rng = np.random.default_rng(args.seed)
     config = bat_core.BatConfig.for_generation(args.time_budget)
     report["time_budget_s"] = args.time_budget
@@ -132,26 +178,40 @@ def run(args) -> dict:
         ref_rows = []
         for i, row in enumerate(rows[: args.reference]):
             started = time.perf_counter()
-            ref = reference_decide_with_deadline(basis, logits[row["row"]], row["token"], row["tau"], args.reference_limit)
+            ref = reference_decide_with_deadline(
+                basis, logits[row["row"]], row["token"], row["tau"], args.reference_limit
+            )
             if ref is None:
-                row.update(ref_accepted=None, ref_seconds=time.perf_counter() - started, ref_status="time limit",
-                           ref_relative_infeasibility=None)
+                row.update(
+                    ref_accepted=None,
+                    ref_seconds=time.perf_counter() - started,
+                    ref_status="time limit",
+                    ref_relative_infeasibility=None,
+                )
             else:
-                row.update(ref_accepted=ref.accepted, ref_seconds=ref.seconds, ref_status=ref.status,
-                           ref_relative_infeasibility=ref.relative_infeasibility)
+                row.update(
+                    ref_accepted=ref.accepted,
+                    ref_seconds=ref.seconds,
+                    ref_status=ref.status,
+                    ref_relative_infeasibility=ref.relative_infeasibility,
+                )
             ref_rows.append(row)
-            print(f"  [{name}] reference {i + 1}/{min(args.reference, len(rows))}: {row['ref_seconds']:.1f}s"
-                  f" {row['ref_status']}", flush=True)
+            print(
+                f"  [{name}] reference {i + 1}/{min(args.reference, len(rows))}: {row['ref_seconds']:.1f}s"
+                f" {row['ref_status']}",
+                flush=True,
+            )
         fast = [r["seconds"] for r in rows]
         methods = {m: sum(r["method"] == m for r in rows) for m in ("certificate", "lp", "fallback", "resolution")}
         summary = {
             "candidates": len(rows),
-            "fast_median_ms": 1e3 * percentile(fast, 50), "fast_p99_ms": 1e3 * percentile(fast, 99),
-            "accepted": sum(r["accepted"] for r in rows), "rejected": sum(not r["accepted"] for r in rows),
+            "fast_median_ms": 1e3 * percentile(fast, 50),
+            "fast_p99_ms": 1e3 * percentile(fast, 99),
+            "accepted": sum(r["accepted"] for r in rows),
+            "rejected": sum(not r["accepted"] for r in rows),
             "by_method": methods,
             "rejected_by_point": sum(r["method"] == "certificate" and not r["accepted"] for r in rows),
-            # certificate checks past the cheap bound: settled by the near tokens' products, or over the vocabulary
-            "near_products": sum(r["near_products"] for r in rows),
+            # certificate checks past the cheap bound of the tail: a product over the vocabulary each
             "vocabulary_products": sum(r["vocabulary_products"] for r in rows),
             # every decision but a fallback or one below float64's resolution carries a certificate verified
             # over the whole vocabulary: a proof that it is the exact LP's answer (up to the tolerance band)
@@ -161,8 +221,10 @@ def run(args) -> dict:
             "reference_median_s": percentile([r["ref_seconds"] for r in ref_rows], 50),
             "reference_p99_s": percentile([r["ref_seconds"] for r in ref_rows], 99),
             "reference_timeouts": sum(r["ref_status"] != "Optimal" for r in ref_rows),
-            "agreement_pct": 100.0 * np.mean([r["accepted"] == r["ref_accepted"] for r in ref_rows if r["ref_status"] == "Optimal"])
-            if any(r["ref_status"] == "Optimal" for r in ref_rows) else float("nan"),
+            "agreement_pct": 100.0
+            * np.mean([r["accepted"] == r["ref_accepted"] for r in ref_rows if r["ref_status"] == "Optimal"])
+            if any(r["ref_status"] == "Optimal" for r in ref_rows)
+            else float("nan"),
         }
         summary["certificate_only"] = {
             "median_ms": 1e3 * percentile([r["cert_only_seconds"] for r in rows], 50),
@@ -170,7 +232,8 @@ def run(args) -> dict:
             "accepted": sum(r["cert_only_accepted"] for r in rows),
             "accepts_lost": sum(r["accepted"] and not r["cert_only_accepted"] for r in rows),
             "accepted_where_exact_path_fell_back": sum(
-                r["cert_only_accepted"] and r["method"] == "fallback" for r in rows),
+                r["cert_only_accepted"] and r["method"] == "fallback" for r in rows
+            ),
         }
         if args.directions:
             summary["reduced"] = {
@@ -192,27 +255,42 @@ def print_table(name: str, s: dict) -> None:
     m = s["by_method"]
     print(f"\n== {name}: {s['candidates']} sub-threshold candidates")
     print(f"  fast path      median {s['fast_median_ms']:8.1f} ms   p99 {s['fast_p99_ms']:8.1f} ms")
-    print(f"  reference      median {s['reference_median_s'] * 1e3:8.1f} ms   p99 {s['reference_p99_s'] * 1e3:8.1f} ms"
-          f"   ({s['reference_decisions']} decisions, {s['reference_timeouts']} past the limit)")
+    print(
+        f"  reference      median {s['reference_median_s'] * 1e3:8.1f} ms   p99 {s['reference_p99_s'] * 1e3:8.1f} ms"
+        f"   ({s['reference_decisions']} decisions, {s['reference_timeouts']} past the limit)"
+    )
     if "speedup_median" in s:
         print(f"  speed-up at the median: {s['speedup_median']:.0f}x   agreement {s['agreement_pct']:.1f}%")
     c = s["certificate_only"]
-    print(f"  certificate search only (time_budget=0): median {c['median_ms']:.1f} ms, p99 {c['p99_ms']:.1f} ms,"
-          f" accepted {c['accepted']}, accepts lost vs. the exact path {c['accepts_lost']}")
+    print(
+        f"  certificate search only (time_budget=0): median {c['median_ms']:.1f} ms, p99 {c['p99_ms']:.1f} ms,"
+        f" accepted {c['accepted']}, accepts lost vs. the exact path {c['accepts_lost']}"
+    )
     if "reduced" in s:
         r = s["reduced"]
-        print(f"  reduced to {r['directions']} directions: median {r['median_ms']:.1f} ms, accepts lost {r['accepts_lost']},"
-              f" gained {r['accepts_gained']} (must be 0)")
-    print(f"  accepted {s['accepted']}  rejected {s['rejected']}   by certificate {m['certificate']}"
-          f" ({s['rejected_by_point']} of them rejects by a feasible point)  by LP {m['lp']}"
-          f"  fallback {m['fallback']}  below resolution {m['resolution']}   proven {s['proven_pct']:.1f}%")
+        print(
+            f"  reduced to {r['directions']} directions: median {r['median_ms']:.1f} ms, accepts lost "
+            f"{r['accepts_lost']},"
+            f" gained {r['accepts_gained']} (must be 0)"
+        )
+    print(
+        f"  accepted {s['accepted']}  rejected {s['rejected']}   by certificate {m['certificate']}"
+        f" ({s['rejected_by_point']} of them rejects by a feasible point)  by LP {m['lp']}"
+        f"  fallback {m['fallback']}  below resolution {m['resolution']}   proven {s['proven_pct']:.1f}%"
+    )
     for kind in ("sampler", "tail"):
         k = s[kind]
-        print(f"  {kind:8s} {k['candidates']:4d} candidates: exact path median {k['median_ms']:.1f} ms, p99 {k['p99_ms']:.1f} ms,"
-              f" unproven {k['unproven_pct']:.1f}%{' ' + str(k['fallback_reasons']) if k['fallback_reasons'] else ''}; certificate search alone median {k['certificate_only_median_ms']:.1f} ms,"
-              f" unproven {k['certificate_only_unproven_pct']:.1f}%")
-    print(f"  certificate checks past the cheap bound: {s['near_products']} settled by the near tokens,"
-          f" {s['vocabulary_products']} over the whole vocabulary", flush=True)
+        print(
+            f"  {kind:8s} {k['candidates']:4d} candidates: exact path median {k['median_ms']:.1f} ms, p99 "
+            f"{k['p99_ms']:.1f} ms, unproven {k['unproven_pct']:.1f}%"
+            f"{' ' + str(k['fallback_reasons']) if k['fallback_reasons'] else ''}; certificate search alone median "
+            f"{k['certificate_only_median_ms']:.1f} ms,"
+            f" unproven {k['certificate_only_unproven_pct']:.1f}%"
+        )
+    print(
+        f"  certificate checks past the cheap bound: {s['vocabulary_products']} (a product over the vocabulary each)",
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -221,10 +299,16 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=200)
     parser.add_argument("--reference", type=int, default=20, help="how many candidates the reference LP decides too")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--time-budget", type=float, default=bat_core.GENERATION_TIME_BUDGET,
-                        help="the clock per decision (a safety net: the work budgets end decisions first)")
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=bat_core.GENERATION_TIME_BUDGET,
+        help="the clock per decision (a safety net: the work budgets end decisions first)",
+    )
     parser.add_argument("--reference-limit", type=float, default=120.0, help="HiGHS time limit of each reference LP")
-    parser.add_argument("--directions", type=int, default=0, help="also decide with constraint reduction to k directions")
+    parser.add_argument(
+        "--directions", type=int, default=0, help="also decide with constraint reduction to k directions"
+    )
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/core_<model>.json)")
     args = parser.parse_args()
     report = run(args)

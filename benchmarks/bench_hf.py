@@ -7,6 +7,7 @@ order: BAT (`bat_hf.BatLogitsProcessor`, eta base, sample mode) and plain eta (`
 EtaLogitsWarper). Generation runs to max_new_tokens (no early stop), so both produce the same number of tokens.
 Prints tokens/s and the ratio, and writes JSON.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,12 +17,21 @@ import platform
 import sys
 import time
 
-sys.path[:0] = [os.path.join(os.path.dirname(__file__), "..", "adapters"), os.path.join(os.path.dirname(__file__), "..")]
+sys.path[:0] = [
+    os.path.join(os.path.dirname(__file__), "..", "adapters"),
+    os.path.join(os.path.dirname(__file__), ".."),
+]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 PROMPTS = [
-    "Once upon a time", "The capital of France is", "My favourite food is", "In 1905, Albert Einstein published",
-    "The best way to learn", "Dear hiring manager,", "She opened the door and", "The history of Rome",
+    "Once upon a time",
+    "The capital of France is",
+    "My favourite food is",
+    "In 1905, Albert Einstein published",
+    "The best way to learn",
+    "Dear hiring manager,",
+    "She opened the door and",
+    "The history of Rome",
 ]
 
 
@@ -38,7 +48,7 @@ def main() -> int:
     import transformers
 
     from bat_hf import BatLogitsProcessor
-    from bat_vllm.hf_model import smollm2_hf_folder
+    from bat_models import smollm2_hf_folder
 
     folder = smollm2_hf_folder()
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, padding_side="left")
@@ -46,8 +56,13 @@ def main() -> int:
     model.generation_config.top_k = None
     prompts = (PROMPTS * ((args.prompts + len(PROMPTS) - 1) // len(PROMPTS)))[: args.prompts]
     batches = [prompts[i : i + args.batch] for i in range(0, len(prompts), args.batch)]
-    common = {"do_sample": True, "max_new_tokens": args.max_new_tokens, "min_new_tokens": 0,
-              "pad_token_id": tokenizer.eos_token_id, "eos_token_id": None}
+    common = {
+        "do_sample": True,
+        "max_new_tokens": args.max_new_tokens,
+        "min_new_tokens": 0,
+        "pad_token_id": tokenizer.eos_token_id,
+        "eos_token_id": None,
+    }
     seconds = {"bat": 0.0, "eta": 0.0}
     tokens = 0
     decisions: dict[str, float] = {}
@@ -69,15 +84,22 @@ def main() -> int:
             seconds[name] += time.perf_counter() - start
         tokens += len(batch) * args.max_new_tokens
     result = {
-        "date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(), "prompts": len(prompts), "batch": args.batch, "max_new_tokens": args.max_new_tokens,
-        "eps": args.eps, "tokens": tokens,
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "prompts": len(prompts),
+        "batch": args.batch,
+        "max_new_tokens": args.max_new_tokens,
+        "eps": args.eps,
+        "tokens": tokens,
         "tokens_per_s": {name: tokens / s for name, s in seconds.items()},
         "bat_over_eta": seconds["eta"] / seconds["bat"],
         "decisions": {k: decisions.get(k, 0) for k in ("candidates", "by_threshold", "by_certificate", "fallbacks")},
     }
-    print(f"{tokens} tokens per sampler, batches of {args.batch}: BAT {result['tokens_per_s']['bat']:.1f} tok/s, "
-          f"plain eta {result['tokens_per_s']['eta']:.1f} tok/s, BAT at {result['bat_over_eta']:.2f}x")
+    print(
+        f"{tokens} tokens per sampler, batches of {args.batch}: BAT {result['tokens_per_s']['bat']:.1f} tok/s, "
+        f"plain eta {result['tokens_per_s']['eta']:.1f} tok/s, BAT at {result['bat_over_eta']:.2f}x"
+    )
     print("BAT decisions:", result["decisions"])
     with open(args.out, "w") as handle:
         json.dump(result, handle, indent=1)

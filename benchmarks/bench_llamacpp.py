@@ -10,6 +10,7 @@ Three samplers per prompt, in rotating order so that drift on a shared machine h
 - native: llama.cpp's own draw with no Python processor (what the hook itself costs).
 Prints a table and writes JSON (tokens/s, the share of time inside BAT, BAT's decisions).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,18 +22,30 @@ import time
 
 import numpy as np
 
-sys.path[:0] = [os.path.join(os.path.dirname(__file__), "..", "adapters"), os.path.join(os.path.dirname(__file__), "..")]
+sys.path[:0] = [
+    os.path.join(os.path.dirname(__file__), "..", "adapters"),
+    os.path.join(os.path.dirname(__file__), ".."),
+]
 
-import bat_core  # noqa: E402
-from bat_llamacpp import BatLlama, EtaLogitsProcessor, rule_from  # noqa: E402
-from bat_llamacpp.cli import load_llama, run_generation  # noqa: E402
-from bat_llamacpp.models import gemma3_270m_path, smollm2_path  # noqa: E402
-from bat_llamacpp.processor import GENERATION_TIME_BUDGET, neutral_sampling_kwargs  # noqa: E402
+import bat_core
+from bat_llamacpp import BatLlama, EtaLogitsProcessor, rule_from
+from bat_llamacpp.cli import load_llama, run_generation
+from bat_llamacpp.processor import GENERATION_TIME_BUDGET, neutral_sampling_kwargs
+from bat_models import gemma3_270m_path, smollm2_path
 
 PROMPTS = [
-    "Once upon a time", "The capital of France is", "My favourite food is", "In 1905, Albert Einstein published",
-    "The best way to learn", "Dear hiring manager,", "She opened the door and", "The history of Rome",
-    "To bake bread, first", "Breaking news:", "He looked at the sky and", "The recipe calls for",
+    "Once upon a time",
+    "The capital of France is",
+    "My favourite food is",
+    "In 1905, Albert Einstein published",
+    "The best way to learn",
+    "Dear hiring manager,",
+    "She opened the door and",
+    "The history of Rome",
+    "To bake bread, first",
+    "Breaking news:",
+    "He looked at the sky and",
+    "The recipe calls for",
 ]
 
 
@@ -60,7 +73,7 @@ def main() -> int:
     parser.add_argument("--eps", type=float, default=0.0009)
     parser.add_argument("--time-budget", type=float, default=GENERATION_TIME_BUDGET)
     parser.add_argument("--mode", default="sample", choices=["sample", "mask"], help="BAT's mode")
-    parser.add_argument("--config", default="{}", help='BatConfig overrides as JSON, e.g. \'{"lsq_refine": 0}\'')
+    parser.add_argument("--config", default="{}", help="BatConfig overrides as JSON, e.g. '{\"lsq_refine\": 0}'")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/llamacpp_<model>.json)")
     args = parser.parse_args()
     path = model_path(args.model)
@@ -90,8 +103,11 @@ def main() -> int:
         for kind in order:
             proc = make(kind, n)
             out = run_generation(llm, prompt, args.max_tokens, proc)
-            row[kind] = {"tokens": len(out["tokens"]), "seconds": out["seconds"],
-                         "tokens_per_second": len(out["tokens"]) / max(out["seconds"], 1e-9)}
+            row[kind] = {
+                "tokens": len(out["tokens"]),
+                "seconds": out["seconds"],
+                "tokens_per_second": len(out["tokens"]) / max(out["seconds"], 1e-9),
+            }
             if kind == "bat":
                 row[kind]["bat_seconds"] = proc.stats.bat_seconds
                 row[kind]["below_tau"] = proc.stats.below_tau
@@ -99,8 +115,11 @@ def main() -> int:
                 row[kind]["mask_undecided_mass"] = proc.stats.mask_undecided_mass
                 row[kind]["core"] = proc.stats.core
         runs.append(row)
-        print(f"[{n + 1}/{len(prompts)}] {prompt[:28]:28s} " + "  ".join(
-            f"{k} {row[k]['tokens_per_second']:6.1f} tok/s" for k in kinds), flush=True)
+        print(
+            f"[{n + 1}/{len(prompts)}] {prompt[:28]:28s} "
+            + "  ".join(f"{k} {row[k]['tokens_per_second']:6.1f} tok/s" for k in kinds),
+            flush=True,
+        )
 
     def total(kind: str, key: str) -> float:
         return float(sum(r[kind][key] for r in runs))
@@ -114,35 +133,59 @@ def main() -> int:
         for k, v in c.get("accepts_by_source", {}).items():
             sources[k] = sources.get(k, 0) + v
     summary = {
-        "model": path, "vocab": bat.basis.vocab_size, "hidden": bat.basis.hidden_size,
-        "prompts": len(prompts), "max_tokens": args.max_tokens, "eps": args.eps, "time_budget": args.time_budget,
+        "model": path,
+        "vocab": bat.basis.vocab_size,
+        "hidden": bat.basis.hidden_size,
+        "prompts": len(prompts),
+        "max_tokens": args.max_tokens,
+        "eps": args.eps,
+        "time_budget": args.time_budget,
         "mode": args.mode,
         "tokens_per_second": tps,
-        "ratio_bat_to_eta": tps["bat"] / tps["eta"], "ratio_median_per_prompt": float(np.median(per_run)),
+        "ratio_bat_to_eta": tps["bat"] / tps["eta"],
+        "ratio_median_per_prompt": float(np.median(per_run)),
         "ratio_eta_to_native": tps["eta"] / tps["native"],
         "bat_share_of_time": total("bat", "bat_seconds") / total("bat", "seconds"),
         "bat_ms_per_token": 1e3 * total("bat", "bat_seconds") / total("bat", "tokens"),
-        "sub_threshold_decisions": sub_tau, "accepted_below_tau": int(total("bat", "below_tau")),
-        "fallbacks": int(sum(c["fallbacks"] for c in cores)), "accepts_by_source": sources,
+        "sub_threshold_decisions": sub_tau,
+        "accepted_below_tau": int(total("bat", "below_tau")),
+        "fallbacks": int(sum(c["fallbacks"] for c in cores)),
+        "accepts_by_source": sources,
         "mask_accepted_below_tau": int(total("bat", "mask_accepted_below_tau")),
         "mask_undecided_mass_per_token": total("bat", "mask_undecided_mass") / total("bat", "tokens"),
-        "prepare_seconds": prepare_s, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "prepare_seconds": prepare_s,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
     }
     print()
-    print(f"model {os.path.basename(path)} (v={bat.basis.vocab_size}, d={bat.basis.hidden_size}), "
-          f"{len(prompts)} prompts x {args.max_tokens} tokens, eta eps={args.eps}, {args.mode} mode, time budget {args.time_budget}s")
+    print(
+        f"model {os.path.basename(path)} (v={bat.basis.vocab_size}, d={bat.basis.hidden_size}), "
+        f"{len(prompts)} prompts x {args.max_tokens} tokens, eta eps={args.eps}, {args.mode} mode, time budget "
+        f"{args.time_budget}s"
+    )
     print(f"{'sampler':12s} {'tokens':>7s} {'seconds':>8s} {'tokens/s':>9s}")
     for k in kinds:
         print(f"{k:12s} {int(total(k, 'tokens')):7d} {total(k, 'seconds'):8.2f} {tps[k]:9.1f}")
-    print(f"BAT / plain eta: {summary['ratio_bat_to_eta']:.2f}x overall, {summary['ratio_median_per_prompt']:.2f}x median "
-          f"per prompt (target >= 0.9); plain eta / native: {summary['ratio_eta_to_native']:.2f}x")
-    print(f"time in BAT: {100 * summary['bat_share_of_time']:.1f}% ({summary['bat_ms_per_token']:.2f} ms/token); "
-          f"sub-threshold decisions {sub_tau}, accepted {summary['accepted_below_tau']}, fallbacks {summary['fallbacks']}, "
-          f"accepts by source {sources}")
+    print(
+        f"BAT / plain eta: {summary['ratio_bat_to_eta']:.2f}x overall, "
+        f"{summary['ratio_median_per_prompt']:.2f}x median "
+        f"per prompt (target >= 0.9); plain eta / native: {summary['ratio_eta_to_native']:.2f}x"
+    )
+    print(
+        f"time in BAT: {100 * summary['bat_share_of_time']:.1f}% ({summary['bat_ms_per_token']:.2f} ms/token); "
+        f"sub-threshold decisions {sub_tau}, accepted {summary['accepted_below_tau']}, fallbacks "
+        f"{summary['fallbacks']}, "
+        f"accepts by source {sources}"
+    )
     if args.mode == "mask":
-        print(f"mask mode: {summary['mask_accepted_below_tau']} sub-threshold tokens proven over all steps, "
-              f"undecided mass {summary['mask_undecided_mass_per_token']:.4f} per token")
-    out = args.out or os.path.join(os.path.dirname(__file__), "results", f"llamacpp_{args.model if args.model in ('smollm2', 'gemma3') else 'model'}.json")
+        print(
+            f"mask mode: {summary['mask_accepted_below_tau']} sub-threshold tokens proven over all steps, "
+            f"undecided mass {summary['mask_undecided_mass_per_token']:.4f} per token"
+        )
+    out = args.out or os.path.join(
+        os.path.dirname(__file__),
+        "results",
+        f"llamacpp_{args.model if args.model in ('smollm2', 'gemma3') else 'model'}.json",
+    )
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as handle:
         json.dump({"summary": summary, "runs": runs}, handle, indent=1)

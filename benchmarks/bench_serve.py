@@ -8,6 +8,7 @@ through the same hook (`bat_mode: threshold`) and llama.cpp's own samplers (no B
 top-k/top-p/min-p). Tokens/s counts the completion tokens the server reports over the wall time of the
 batch. Prints a table and the ratios, and writes JSON.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,14 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 PROMPTS = [
-    "Once upon a time", "The capital of France is", "My favourite food is", "In 1905, Albert Einstein published",
-    "The best way to learn", "Dear hiring manager,", "She opened the door and", "The history of Rome",
+    "Once upon a time",
+    "The capital of France is",
+    "My favourite food is",
+    "In 1905, Albert Einstein published",
+    "The best way to learn",
+    "Dear hiring manager,",
+    "She opened the door and",
+    "The history of Rome",
 ]
 KINDS = {
     "bat": {"bat_eta": 0.0009},
@@ -49,8 +56,12 @@ def start_server(port: int) -> subprocess.Popen:
 
 def run_batch(client, kind: str, requests: int, concurrency: int, max_tokens: int) -> dict:
     def one(i: int) -> tuple[int, dict | None]:
-        out = client.completions.create(model="default", prompt=PROMPTS[i % len(PROMPTS)], max_tokens=max_tokens,
-                                        extra_body={**KINDS[kind], "seed": i})
+        out = client.completions.create(
+            model="default",
+            prompt=PROMPTS[i % len(PROMPTS)],
+            max_tokens=max_tokens,
+            extra_body={**KINDS[kind], "seed": i},
+        )
         return out.usage.completion_tokens, out.model_extra.get("bat")
 
     start = time.perf_counter()
@@ -58,11 +69,22 @@ def run_batch(client, kind: str, requests: int, concurrency: int, max_tokens: in
         results = list(pool.map(one, range(requests)))
     seconds = time.perf_counter() - start
     tokens = sum(n for n, _ in results)
-    row = {"kind": kind, "concurrency": concurrency, "requests": requests, "tokens": tokens, "seconds": seconds,
-           "tokens_per_second": tokens / seconds}
+    row = {
+        "kind": kind,
+        "concurrency": concurrency,
+        "requests": requests,
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_second": tokens / seconds,
+    }
     stats = [s for _, s in results if s and "decisions" in s]
     if stats:
-        row.update({key: sum(s[key] for s in stats) for key in ("decisions", "by_threshold", "by_certificate", "unproven", "below_tau")})
+        row.update(
+            {
+                key: sum(s[key] for s in stats)
+                for key in ("decisions", "by_threshold", "by_certificate", "unproven", "below_tau")
+            }
+        )
     return row
 
 
@@ -95,11 +117,18 @@ def main() -> int:
     for concurrency in args.concurrency:
         by = {r["kind"]: r for r in rows if r["concurrency"] == concurrency}
         bat, eta, own = by["bat"], by["plain_eta"], by["llama_samplers"]
-        print(f"{concurrency:>11} {bat['tokens_per_second']:>10.1f} {eta['tokens_per_second']:>10.1f} "
-              f"{own['tokens_per_second']:>10.1f} {bat['tokens_per_second'] / eta['tokens_per_second']:>8.2f} "
-              f"{bat.get('unproven', 0):>4}/{bat.get('decisions', 0)}")
-    result = {"date": time.strftime("%Y-%m-%d"), "machine": platform.platform(), "cpus": os.cpu_count(),
-              "args": vars(args), "rows": rows}
+        print(
+            f"{concurrency:>11} {bat['tokens_per_second']:>10.1f} {eta['tokens_per_second']:>10.1f} "
+            f"{own['tokens_per_second']:>10.1f} {bat['tokens_per_second'] / eta['tokens_per_second']:>8.2f} "
+            f"{bat.get('unproven', 0):>4}/{bat.get('decisions', 0)}"
+        )
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": platform.platform(),
+        "cpus": os.cpu_count(),
+        "args": vars(args),
+        "rows": rows,
+    }
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {args.out}")

@@ -21,6 +21,7 @@ against the certificates' rounding bound, and the core's certificate-search time
 Where vLLM itself is not importable, the three vLLM types the processor uses (LogitsProcessor,
 BatchUpdate, MoveDirectionality) are stood in by classes of the same shape; the JSON says which ran.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,7 +36,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(HERE, "..", "adapters"), os.path.join(HERE, "..")]
-from bench_vllm import PROMPTS  # noqa: E402
+from bench_vllm import PROMPTS
 
 Q8_BLOCK = 32  # GGUF Q8_0: 32 int8 values per float16 scale
 
@@ -60,9 +61,7 @@ def prepare(out: str, requests: int, steps: int) -> None:
     from gguf import GGUFReader
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from bat_llamacpp.gguf_weights import read_output_layer
-    from bat_llamacpp.models import smollm2_path
-    from bat_vllm.hf_model import smollm2_hf_folder
+    from bat_models import output_layer, smollm2_hf_folder, smollm2_path
 
     path = smollm2_path()
     [tensor] = [t for t in GGUFReader(path).tensors if t.name == "token_embd.weight"]
@@ -70,7 +69,7 @@ def prepare(out: str, requests: int, steps: int) -> None:
         raise SystemExit(f"expected a Q8_0 output matrix in {path}, found {tensor.tensor_type.name}")
     values, scales = q8_0_parts(np.asarray(tensor.data))
     W = dequantize_q8_0(values, scales)
-    if not np.array_equal(W, read_output_layer(path).W):
+    if not np.array_equal(W, output_layer(path).W):
         raise SystemExit("the packed W differs from the GGUF reader's W")
     folder = smollm2_hf_folder()
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -84,8 +83,16 @@ def prepare(out: str, requests: int, steps: int) -> None:
         ids = tokenizer(PROMPTS[k % len(PROMPTS)], return_tensors="pt").input_ids
         torch.manual_seed(k)
         with torch.no_grad():
-            text = model.generate(ids, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=steps,
-                                  min_new_tokens=steps, pad_token_id=tokenizer.eos_token_id)
+            text = model.generate(
+                ids,
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=steps,
+                min_new_tokens=steps,
+                pad_token_id=tokenizer.eos_token_id,
+            )
             run = model(text[:, :-1], output_hidden_states=True)
         start = ids.shape[1] - 1  # the state after the prompt's last token gives the first new token
         states = run.hidden_states[-1][0, start : start + steps]
@@ -97,17 +104,19 @@ def prepare(out: str, requests: int, steps: int) -> None:
         raise SystemExit(f"hidden states @ W^T differ from the model's logits by {worst:.3g}")
     os.makedirs(out, exist_ok=True)
     np.savez(os.path.join(out, "pack.npz"), values=values, scales=scales, hidden=hidden)
-    print(f"\nwrote {out}/pack.npz: W {W.shape} as Q8_0, hidden states {hidden.shape} "
-          f"(|hidden @ W^T - logits| <= {worst:.2g})")
+    print(
+        f"\nwrote {out}/pack.npz: W {W.shape} as Q8_0, hidden states {hidden.shape} "
+        f"(|hidden @ W^T - logits| <= {worst:.2g})"
+    )
 
 
 # --------------------------------------------------------------------------------------------- run
 def vllm_types() -> str:
     """Import vLLM's processor interface, or register classes of the same shape where vLLM is absent."""
     try:
+        import vllm
         import vllm.v1.sample.logits_processor  # noqa: F401
 
-        import vllm
         return f"vllm {vllm.__version__}"
     except ImportError:
         pass
@@ -127,13 +136,17 @@ def vllm_types() -> str:
         added: list
         moved: list
 
-    class LogitsProcessor(abc.ABC):
+    class LogitsProcessor(abc.ABC):  # noqa: B024 - a stand-in with the base class's name only
         @classmethod
         def validate_params(cls, sampling_params):
             return None
 
     module = types.ModuleType("vllm.v1.sample.logits_processor")
-    module.MoveDirectionality, module.BatchUpdate, module.LogitsProcessor = MoveDirectionality, BatchUpdate, LogitsProcessor
+    module.MoveDirectionality, module.BatchUpdate, module.LogitsProcessor = (
+        MoveDirectionality,
+        BatchUpdate,
+        LogitsProcessor,
+    )
     for name in ("vllm", "vllm.v1", "vllm.v1.sample"):
         sys.modules.setdefault(name, types.ModuleType(name))
     sys.modules["vllm.v1.sample.logits_processor"] = module
@@ -147,8 +160,9 @@ def request_params(mode: str | None, seed: int, eps: float) -> object:
 
         return SamplingParams(max_tokens=1, seed=seed, extra_args=extra)
     except ImportError:
-        return SimpleNamespace(extra_args=extra, seed=seed, n=1, logit_bias=None, allowed_token_ids=None,
-                               bad_words=None, min_tokens=0)
+        return SimpleNamespace(
+            extra_args=extra, seed=seed, n=1, logit_bias=None, allowed_token_ids=None, bad_words=None, min_tokens=0
+        )
 
 
 def product_check(basis, device, trials: int = 20) -> dict:
@@ -156,6 +170,7 @@ def product_check(basis, device, trials: int = 20) -> dict:
     with TensorFloat-32 matrix products allowed and not (the core's device product must not depend on
     that global setting); and its time against numpy's."""
     import torch
+
     from bat_core.certify import float32_gamma
 
     d = basis.hidden_size
@@ -228,39 +243,56 @@ def core_decisions(basis, logits: np.ndarray, device, candidates: int, seed: int
             if len(times["numpy"]) >= candidates:
                 break
         basis.set_matvec_device(None)
-        report[name] = {key: {"candidates": len(times[key][:candidates]),
-                              "median_ms": 1000 * float(np.median(times[key][:candidates])),
-                              "p99_ms": 1000 * float(np.percentile(times[key][:candidates], 99)),
-                              "accepted": int(sum(accepted[key][:candidates]))} for key in products}
-        report[name]["same_decisions"] = all(accepted[key][:candidates] == accepted["numpy"][:candidates]
-                                             for key in products)
-        print(f"core, {name}: " + "  ".join(
-            f"{key} product median {r['median_ms']:.2f} ms p99 {r['p99_ms']:.1f} ms, {r['accepted']}/{r['candidates']} "
-            "accepted" for key, r in report[name].items() if isinstance(r, dict))
-            + f"  same decisions: {report[name]['same_decisions']}", flush=True)
+        report[name] = {
+            key: {
+                "candidates": len(times[key][:candidates]),
+                "median_ms": 1000 * float(np.median(times[key][:candidates])),
+                "p99_ms": 1000 * float(np.percentile(times[key][:candidates], 99)),
+                "accepted": int(sum(accepted[key][:candidates])),
+            }
+            for key in products
+        }
+        report[name]["same_decisions"] = all(
+            accepted[key][:candidates] == accepted["numpy"][:candidates] for key in products
+        )
+        print(
+            f"core, {name}: "
+            + "  ".join(
+                f"{key} product median {r['median_ms']:.2f} ms p99 {r['p99_ms']:.1f} ms, "
+                f"{r['accepted']}/{r['candidates']} "
+                "accepted"
+                for key, r in report[name].items()
+                if isinstance(r, dict)
+            )
+            + f"  same decisions: {report[name]['same_decisions']}",
+            flush=True,
+        )
     return report
 
 
 def decision_summary(totals: dict) -> str:
     below = totals.get("candidates", 0) - totals.get("by_threshold", 0)
     seconds = totals.get("seconds", 0.0)
-    return (f"{below:.0f} draws, {totals.get('accepted_below_tau', 0):.0f} accepted, "
-            f"{1000 * seconds / max(below, 1):.2f} ms each in the core")
+    return (
+        f"{below:.0f} draws, {totals.get('accepted_below_tau', 0):.0f} accepted, "
+        f"{1000 * seconds / max(below, 1):.2f} ms each in the core"
+    )
 
 
-def run(pack: str, out: str, concurrency: list[int], steps: int, eps: float, threads: int | None,
-        core_candidates: int) -> None:
+def run(
+    pack: str, out: str, concurrency: list[int], steps: int, eps: float, threads: int | None, core_candidates: int
+) -> None:
     import torch
     from safetensors.torch import save_file
 
     if threads:
         torch.set_num_threads(threads)  # the processor gives its product as many threads as torch has
     kind = vllm_types()
-    from bat_core.threads import usable_cores
-    from bat_vllm.processor import BatLogitsProcessor
     from vllm.v1.sample.logits_processor import BatchUpdate
 
     import bat_core
+    from bat_core.threads import usable_cores
+    from bat_vllm.processor import BatLogitsProcessor
 
     data = np.load(os.path.join(pack, "pack.npz"))
     W = dequantize_q8_0(data["values"], data["scales"])
@@ -273,18 +305,25 @@ def run(pack: str, out: str, concurrency: list[int], steps: int, eps: float, thr
     # (name, where the logits are, the processor's settings); one processor each for the whole run, as one
     # per engine, each with its own checkpoint folder so that each has its own Basis
     parallel = str(min(8, usable_cores()))
-    variants = [("cpu", "cpu", {"BAT_ROW_THREADS": "1"}),
-                ("cpu, rows in parallel", "cpu", {"BAT_ROW_THREADS": parallel})]
+    variants = [
+        ("cpu", "cpu", {"BAT_ROW_THREADS": "1"}),
+        ("cpu, rows in parallel", "cpu", {"BAT_ROW_THREADS": parallel}),
+    ]
     if gpu is not None:
-        variants += [("gpu, host product, rows one by one", "cuda", {"BAT_MATVEC_DEVICE": "cpu", "BAT_ROW_THREADS": "1"}),
-                     ("gpu, rows one by one", "cuda", {"BAT_ROW_THREADS": "1"}),
-                     ("gpu", "cuda", {})]  # the defaults: product on the GPU, rows in parallel
+        variants += [
+            ("gpu, host product, rows one by one", "cuda", {"BAT_MATVEC_DEVICE": "cpu", "BAT_ROW_THREADS": "1"}),
+            ("gpu, rows one by one", "cuda", {"BAT_ROW_THREADS": "1"}),
+            ("gpu", "cuda", {}),
+        ]  # the defaults: product on the GPU, rows in parallel
     processors, configs = {}, []  # configs kept alive: the processor tells engines apart by their id
     for name, device, settings in variants:
         folder = tempfile.mkdtemp(prefix="bat-gpu-model-")
         save_file({"model.embed_tokens.weight": torch.from_numpy(W)}, os.path.join(folder, "model.safetensors"))
-        configs.append(SimpleNamespace(model_config=SimpleNamespace(
-            model=folder, dtype=torch.float32, get_vocab_size=lambda: W.shape[0])))
+        configs.append(
+            SimpleNamespace(
+                model_config=SimpleNamespace(model=folder, dtype=torch.float32, get_vocab_size=lambda: W.shape[0])
+            )
+        )
         saved = {key: os.environ.pop(key, None) for key in ("BAT_MATVEC_DEVICE", "BAT_ROW_THREADS")}
         os.environ.update(settings)
         processors[name] = (BatLogitsProcessor(configs[-1], torch.device(device), False), torch.device(device))
@@ -331,19 +370,30 @@ def run(pack: str, out: str, concurrency: list[int], steps: int, eps: float, thr
             row = {"concurrency": n, "mode": mode or "no BAT request", "steps": steps}
             for name, result in runs.items():
                 ms = 1000 * np.array(result["times"])
-                row[name] = {"median_ms": float(np.median(ms)), "mean_ms": float(ms.mean()),
-                             "p90_ms": float(np.percentile(ms, 90)), "max_ms": float(ms.max()),
-                             "totals": result["totals"]}
+                row[name] = {
+                    "median_ms": float(np.median(ms)),
+                    "mean_ms": float(ms.mean()),
+                    "p90_ms": float(np.percentile(ms, 90)),
+                    "max_ms": float(ms.max()),
+                    "totals": result["totals"],
+                }
                 # the same logits and seeds: the same tokens allowed at every step, wherever the logits are
                 row[name]["steps_differing_from_cpu"] = sum(
-                    not torch.equal(a, b) for a, b in zip(runs["cpu"]["outputs"], result["outputs"]))
+                    not torch.equal(a, b) for a, b in zip(runs["cpu"]["outputs"], result["outputs"])
+                )
             table.append(row)
-            cells = "  ".join(f"{name}: {row[name]['median_ms']:7.3f} / {row[name]['mean_ms']:7.3f} ms "
-                              f"(differ {row[name]['steps_differing_from_cpu']})" for name in runs)
+            cells = "  ".join(
+                f"{name}: {row[name]['median_ms']:7.3f} / {row[name]['mean_ms']:7.3f} ms "
+                f"(differ {row[name]['steps_differing_from_cpu']})"
+                for name in runs
+            )
             print(f"{n:3d} requests {row['mode']:>15s}  median / mean  {cells}", flush=True)
             if mode == "sample":
-                print("    decisions below tau: " + "  ".join(f"{name}: {decision_summary(row[name]['totals'])}"
-                                                         for name in runs), flush=True)
+                print(
+                    "    decisions below tau: "
+                    + "  ".join(f"{name}: {decision_summary(row[name]['totals'])}" for name in runs),
+                    flush=True,
+                )
     checks = {}
     if gpu is not None:
         transfer = {}
@@ -362,10 +412,16 @@ def run(pack: str, out: str, concurrency: list[int], steps: int, eps: float, thr
         checks["core"] = core_decisions(processors["gpu"][0].basis, every_row, gpu, core_candidates)
         print("logits to the CPU (median ms): " + ", ".join(f"{n} rows {ms:.3f}" for n, ms in transfer.items()))
         print(f"product over the vocabulary: {json.dumps(checks['product'])}")
-    info = {"vllm_types": kind, "torch": torch.__version__, "device": torch.cuda.get_device_name() if gpu else "cpu",
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "matvec_threads": bat_core.threads.matvec_threads(), "eps": eps,
-            "compiled_product": bat_core.q8.kernel_status()}
+    info = {
+        "vllm_types": kind,
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if gpu else "cpu",
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "matvec_threads": bat_core.threads.matvec_threads(),
+        "eps": eps,
+        "compiled_product": bat_core.q8.kernel_status(),
+    }
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as handle:
         json.dump({"info": info, "rows": table, "checks": checks}, handle, indent=1)

@@ -6,6 +6,7 @@ Each candidate is stored small: the hidden state h with W h (+ b) the step's log
 llama.cpp logits row), the token and the threshold setting. Tests and benchmarks rebuild the
 distribution from W and h, so a fixture is a few KB per candidate and a real model's distribution.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,12 +15,16 @@ import sys
 
 import numpy as np
 
-sys.path[:0] = [os.path.join(os.path.dirname(__file__), "..", "adapters"), os.path.join(os.path.dirname(__file__), "..")]
+sys.path[:0] = [
+    os.path.join(os.path.dirname(__file__), "..", "adapters"),
+    os.path.join(os.path.dirname(__file__), ".."),
+]
 
-import bat_core  # noqa: E402
-from bat_llamacpp.gguf_weights import read_output_layer  # noqa: E402
-from bat_llamacpp.trajectories import load_llama, sampled_logits  # noqa: E402
-from bench_core import PROMPTS, candidate_draws, model_path  # noqa: E402
+from bench_core import PROMPTS, candidate_draws, model_path
+
+import bat_core
+from bat_llamacpp.trajectories import load_llama, sampled_logits
+from bat_models import output_layer
 
 SETTINGS = {"eta_0.0009": ("eta", 0.0009), "eta_0.02": ("eta", 0.02), "tau_0.1": ("tau", 0.1)}
 
@@ -28,7 +33,7 @@ def hidden_states(basis: bat_core.Basis, logits: np.ndarray) -> np.ndarray:
     """h with W h + b closest to each logits row (float64 normal equations on the basis' Gram matrix)."""
     d = basis.hidden_size
     z = logits.astype(np.float64) - (0.0 if basis.bias is None else basis.bias)
-    rhs = (basis.W.T.astype(np.float64) @ z.T)  # [d, n]
+    rhs = basis.W.T.astype(np.float64) @ z.T  # [d, n]
     return np.linalg.solve(basis.gram[:d, :d], rhs).T.astype(np.float32)
 
 
@@ -39,7 +44,7 @@ def logits_of(basis: bat_core.Basis, h: np.ndarray) -> np.ndarray:
 
 
 def collect(args) -> dict:
-    layer = read_output_layer(model_path(args.model))
+    layer = output_layer(model_path(args.model))
     basis = bat_core.Basis(layer.W, bias=layer.bias, softcap=layer.softcap)
     if basis.softcap is not None:
         raise SystemExit("soft-capped models are not linear in h: store logits rows instead")
@@ -57,8 +62,14 @@ def collect(args) -> dict:
             for tail, token in enumerate(candidate_draws(step, rng)):
                 if token is None or found[tail] >= args.limit or solver.decide(step, [token])[0].method != "fallback":
                     continue
-                for key, item in (("h", h), ("token", token), ("kind", kind), ("value", value), ("setting", name),
-                                  ("tail", bool(tail))):
+                for key, item in (
+                    ("h", h),
+                    ("token", token),
+                    ("kind", kind),
+                    ("value", value),
+                    ("setting", name),
+                    ("tail", bool(tail)),
+                ):
                     out[key].append(item)
                 found[tail] += 1
         print(f"{name}: certificate search left {found[0]} sampler and {found[1]} tail candidates unproven", flush=True)

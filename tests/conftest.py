@@ -3,17 +3,16 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-import pytest  # noqa: E402
+import pytest
 
 
 @pytest.fixture(scope="module")
 def layer():
     """SmolLM2's output layer, read from the registry GGUF (real-model tests)."""
     pytest.importorskip("llama_cpp", reason="real-model tests need llama-cpp-python (scripts/setup.sh)")
-    from bat_llamacpp.gguf_weights import read_output_layer
-    from bat_llamacpp.models import smollm2_path
+    from bat_models import output_layer, smollm2_path
 
-    return read_output_layer(smollm2_path())
+    return output_layer(smollm2_path())
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ the way), and a seeded sampler and mask over those distributions in turn (a requ
     .venv/bin/python tests/decision_record.py            # compare with tests/fixtures/decisions.json
     .venv/bin/python tests/decision_record.py --write    # after a change meant to alter decisions
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,9 +21,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-import bat_core  # noqa: E402
-from independent import softmax64  # noqa: E402
-from test_random_agreement import TAUS, near_boundary_tau, random_case  # noqa: E402
+from independent import softmax64
+from test_random_agreement import TAUS, near_boundary_tau, random_case
+
+import bat_core
 
 HERE = os.path.dirname(__file__)
 RECORD = os.path.join(HERE, "fixtures", "decisions.json")
@@ -64,8 +66,15 @@ def hard_cases(basis: bat_core.Basis) -> list[tuple[np.ndarray, bat_core.Thresho
     """(logits, rule, token, setting) per candidate of the hard fixture (logits = W h, SmolLM2 has no bias)."""
     f = np.load(HARD)
     W64 = basis.W.astype(np.float64)
-    return [(W64 @ f["h"][n].astype(np.float64), bat_core.ThresholdRule(str(f["kind"][n]), float(f["value"][n])),
-             int(f["token"][n]), f"{f['setting'][n]}{' tail' if f['tail'][n] else ''}") for n in range(len(f["token"]))]
+    return [
+        (
+            W64 @ f["h"][n].astype(np.float64),
+            bat_core.ThresholdRule(str(f["kind"][n]), float(f["value"][n])),
+            int(f["token"][n]),
+            f"{f['setting'][n]}{' tail' if f['tail'][n] else ''}",
+        )
+        for n in range(len(f["token"]))
+    ]
 
 
 def real_cases(basis: bat_core.Basis) -> dict[str, str]:
@@ -90,11 +99,12 @@ def request_cases(basis: bat_core.Basis) -> dict[str, str]:
     sampler = bat_core.BatSampler(basis, bat_core.ThresholdRule("eta", 0.0009), seed=7, config=config)
     tokens = [sampler.sample(logits, step=k).token for k, (logits, *_) in enumerate(rows)]
     s = sampler.stats
-    out = {"sampler tokens": " ".join(map(str, tokens)),
-           "sampler stats": f"accepted_below_tau={s.accepted_below_tau} by_certificate={s.by_certificate} "
-                            f"by_lp={s.by_lp} fallbacks={s.fallbacks}"}
-    masker = bat_core.BatSampler(basis, bat_core.ThresholdRule("eta", 0.02), seed=7, config=config,
-                                 mask_budget=CLOCK)
+    out = {
+        "sampler tokens": " ".join(map(str, tokens)),
+        "sampler stats": f"accepted_below_tau={s.accepted_below_tau} by_certificate={s.by_certificate} "
+        f"by_lp={s.by_lp} fallbacks={s.fallbacks}",
+    }
+    masker = bat_core.BatSampler(basis, bat_core.ThresholdRule("eta", 0.02), seed=7, config=config, mask_budget=CLOCK)
     for k, (logits, *_) in enumerate(rows[:4]):
         m = masker.mask(logits, step=k)
         proven = " ".join(map(str, sorted(int(t) for t in m.accepted_below_tau_ids)))
@@ -107,16 +117,18 @@ def record(basis: bat_core.Basis) -> dict[str, str]:
 
 
 def smollm2_basis() -> bat_core.Basis:
-    from bat_llamacpp.gguf_weights import read_output_layer
-    from bat_llamacpp.models import smollm2_path
+    from bat_models import output_layer, smollm2_path
 
-    layer = read_output_layer(smollm2_path())
+    layer = output_layer(smollm2_path())
     return bat_core.Basis(layer.W, bias=layer.bias, softcap=layer.softcap)
 
 
 def differences(expected: dict[str, str], actual: dict[str, str]) -> list[str]:
-    return [f"{k}: recorded {expected.get(k)!r}, now {actual.get(k)!r}"
-            for k in sorted(set(expected) | set(actual)) if expected.get(k) != actual.get(k)]
+    return [
+        f"{k}: recorded {expected.get(k)!r}, now {actual.get(k)!r}"
+        for k in sorted(set(expected) | set(actual))
+        if expected.get(k) != actual.get(k)
+    ]
 
 
 def main() -> None:

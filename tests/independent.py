@@ -1,4 +1,5 @@
 """Certificate checks written independently of bat_core: dense float64 numpy, no shared helpers."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -46,7 +47,6 @@ def check_reject(A: np.ndarray, p: np.ndarray, tau: float, token: int, support, 
     residual = np.abs(A.T @ q_full).sum()
     limit = tol * p[token] * np.abs(A[token]).sum()
     assert residual <= limit * (1 + 1e-6) + 1e-15, f"reject point residual {residual} > {limit}"
-
 
 
 def exact_product_and_rounding_bound(W: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

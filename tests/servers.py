@@ -1,4 +1,5 @@
 """Servers started by the tests on 127.0.0.1: a free port, a health probe, start and stop."""
+
 from __future__ import annotations
 
 import os

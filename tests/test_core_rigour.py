@@ -1,14 +1,15 @@
 """Rigour of the core: the argmax decided by the LP, tail-sum slacks derived from the vocabulary size,
 reduced bases proving their accepts on the full W, and the sampler's step-indexed, grammar-aware draws."""
+
 import math
 
 import numpy as np
 import pytest
+from independent import augmented, check_accept, softmax64
+from test_random_agreement import random_case
 
 import bat_core
 from bat_core.certify import U64, Step
-from independent import augmented, check_accept, softmax64
-from test_random_agreement import random_case
 
 
 def test_the_argmax_gets_the_lps_answer_and_the_sampler_keeps_it():
@@ -24,7 +25,7 @@ def test_the_argmax_gets_the_lps_answer_and_the_sampler_keeps_it():
             continue
         tau = float(p[top] * 1.5)  # the argmax is below tau
         basis = bat_core.Basis(W)
-        decided = bool(basis.decide(logits, [top], tau)[0])
+        decided = bool(bat_core.decide(basis, logits, [top], tau)[0])
         reference = bat_core.reference_decide(basis, logits, top, tau)
         assert reference.status == "Optimal", reference.status
         assert decided == reference.accepted, (case, p[top], tau)
@@ -59,8 +60,10 @@ def test_tail_sum_slack_covers_the_worst_case_rounding_of_a_vocabulary_sum():
     worst = gamma(v) * step.p_total + gamma(len(exact)) * float(p[exact].sum()) + U64 * abs(computed)
     assert mass - computed >= worst
     weights_sq = (p[exact] ** 2).sum()
-    assert step.tail_sum_slack(len(exact)) * step.weight_sq_total >= gamma(v + 1) * step.weight_sq_total + gamma(
-        len(exact) + 1) * weights_sq
+    assert (
+        step.tail_sum_slack(len(exact)) * step.weight_sq_total
+        >= gamma(v + 1) * step.weight_sq_total + gamma(len(exact) + 1) * weights_sq
+    )
     # the bound holds for the true tail mass (exactly rounded sum)
     tail = np.setdiff1d(np.arange(v), exact)
     assert mass >= math.fsum(p[tail])
@@ -71,7 +74,7 @@ def test_a_reduced_basis_proves_its_accepts_on_the_full_matrix():
     verifies on W; the reduced decision never accepts what the full one rejects."""
     rng = np.random.default_rng(17)
     accepts = 0
-    for case in range(150):
+    for _ in range(150):
         W = rng.normal(size=(40, 8)).astype(np.float32)
         logits = (W @ rng.normal(size=8) * 2).astype(np.float32)
         basis = bat_core.Basis(W)
@@ -84,7 +87,7 @@ def test_a_reduced_basis_proves_its_accepts_on_the_full_matrix():
             continue
         solver = bat_core.BatSolver(reduced)
         decisions = solver.decide(solver.new_step(logits, tau), tokens)
-        full = basis.decide(logits, tokens, tau)
+        full = bat_core.decide(basis, logits, tokens, tau)
         for decision, exact in zip(decisions, full):
             assert not (decision.accepted and not exact)
             if decision.accepted:

@@ -1,12 +1,13 @@
 """The core's decisions on fixed random and real cases equal the committed record (tests/decision_record.py):
 a refactoring that means to keep behaviour must keep these; a change meant to alter them rewrites the record
 with `python tests/decision_record.py --write` and says why in its commit."""
+
 import json
 
 import pytest
+from decision_record import RECORD, differences, record
 
 import bat_core
-from decision_record import RECORD, differences, record
 
 pytest.importorskip("llama_cpp", reason="real-model tests need llama-cpp-python (scripts/setup.sh)")
 

@@ -1,4 +1,5 @@
 """The evaluation pipeline (python -m bat_eval --smoke) end to end on SmolLM2 in llama.cpp, and its invariants."""
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,9 @@ pytestmark = pytest.mark.slow
 def run_smoke(out: str, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "bat_eval", "--smoke", "--out", out, *extra],
-        capture_output=True, text=True, timeout=900,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
 
 
@@ -42,8 +45,24 @@ def test_human_text_is_prose_from_fortunes():
     assert len({p.id for p in passages}) == 20
     for p in passages:
         assert len(p.prefix.split()) == 16 and len(p.continuation.split()) >= 24
-        assert p.id.split(":")[0] in ("art", "cookie", "education", "food", "humorists", "kids", "law", "love",
-                                      "medicine", "people", "politics", "science", "sports", "tao", "wisdom", "work")
+        assert p.id.split(":")[0] in (
+            "art",
+            "cookie",
+            "education",
+            "food",
+            "humorists",
+            "kids",
+            "law",
+            "love",
+            "medicine",
+            "people",
+            "politics",
+            "science",
+            "sports",
+            "tao",
+            "wisdom",
+            "work",
+        )
     assert [p.id for p in load_passages(20)] == [p.id for p in passages]  # fixed seed
 
 
@@ -57,8 +76,17 @@ def test_text_metrics():
 
 
 def test_results_are_written_and_readable(smoke):
-    for name in ("settings.json", "passages.json", "summary.json", "report.md", "rejection_share.png", "quality.png",
-                 "smollm2/matching.json", "smollm2/quality.json", "smollm2/generations/human.json"):
+    for name in (
+        "settings.json",
+        "passages.json",
+        "summary.json",
+        "report.md",
+        "rejection_share.png",
+        "quality.png",
+        "smollm2/matching.json",
+        "smollm2/quality.json",
+        "smollm2/generations/human.json",
+    ):
         assert os.path.getsize(os.path.join(smoke, name)) > 0, name
     summary = load(os.path.join(smoke, "summary.json"))
     groups = summary["models"]["smollm2"]["quality"]
@@ -66,8 +94,11 @@ def test_results_are_written_and_readable(smoke):
     for stats in groups.values():
         assert 0.0 < stats["mauve"]["mean"] <= 1.0 and stats["mauve"]["n"] == 2
         assert stats["length_tokens"]["mean"] > 0
-    runs = [load(os.path.join(smoke, "smollm2", "generations", f)) for f in os.listdir(os.path.join(smoke, "smollm2", "generations"))
-            if f != "human.json"]
+    runs = [
+        load(os.path.join(smoke, "smollm2", "generations", f))
+        for f in os.listdir(os.path.join(smoke, "smollm2", "generations"))
+        if f != "human.json"
+    ]
     assert len(runs) == 10 and all(len(r["rows"]) == 4 and r["tokens"] > 0 for r in runs)
 
 
@@ -113,7 +144,7 @@ def test_bat_never_rejects_what_its_threshold_keeps(smoke):
         base, bat = matching["grids"][rule_of(method)], matching["grids"][method]
         assert base["parameters"] == bat["parameters"]
         assert all(b <= t + 1e-12 for b, t in zip(bat["shares"], base["shares"]))
-    for method, kept in matching["kept"].items():
+    for kept in matching["kept"].values():
         for step in kept["steps"]:
             assert step["bat_size"] >= step["threshold_size"]
             assert step["bat_mass"] >= step["threshold_mass"] - 1e-12
@@ -134,8 +165,12 @@ def test_resume_skips_finished_stages_and_refuses_other_settings(smoke):
 def test_reaudit_repeats_the_audit_on_the_same_positions(smoke):
     """python -m bat_eval.reaudit re-decides the audited rejects with the current core on positions that
     it teacher-forces again (refusing if the tokens differ); every sampled token gets one outcome."""
-    done = subprocess.run([sys.executable, "-m", "bat_eval.reaudit", "smollm2", "--out", smoke],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "bat_eval.reaudit", "smollm2", "--out", smoke],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     report = load(os.path.join(smoke, "smollm2", "audit_rerun.json"))
     stored = load(os.path.join(smoke, "smollm2", "matching.json"))["audit"]
@@ -143,6 +178,10 @@ def test_reaudit_repeats_the_audit_on_the_same_positions(smoke):
     for method, audit in report["rerun"].items():
         assert audit["rejects"] == stored[method]["rejects"] and audit["sampled"] == stored[method]["sampled"] > 0
         assert audit["accept"] + audit["reject"] + audit["undecided"] == audit["sampled"]
-    missing = subprocess.run([sys.executable, "-m", "bat_eval.reaudit", "smollm2", "--out", smoke + "/nothing"],
-                             capture_output=True, text=True, timeout=120)
+    missing = subprocess.run(
+        [sys.executable, "-m", "bat_eval.reaudit", "smollm2", "--out", smoke + "/nothing"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert missing.returncode == 2 and "not found" in missing.stderr

@@ -4,15 +4,16 @@ tests/fixtures/hard_smollm2.npz holds SmolLM2 candidates that certificate search
 (benchmarks/hard_candidates.py): sampler draws and tail tokens at eta 0.0009, eta 0.02 and tau 0.1, each
 stored as a hidden state h (the distribution is softmax(W h)), a token and its threshold setting.
 """
+
 import threading
 import time
 
 import numpy as np
 import pytest
-
-import bat_core
 from decision_record import hard_cases
 from independent import augmented, check_accept, check_reject, softmax64
+
+import bat_core
 
 pytest.importorskip("llama_cpp", reason="real-model tests need llama-cpp-python (scripts/setup.sh)")
 
@@ -32,8 +33,14 @@ def decide(basis, case, config):
 
 def outcome(decision, stats) -> tuple:
     """What a decision did, free of timings: reproducibility compares these."""
-    return (decision.accepted, decision.method, dict(stats.accepts_by_source), stats.rejected_by_point,
-            stats.lp_iterations, dict(stats.fallback_reasons))
+    return (
+        decision.accepted,
+        decision.method,
+        dict(stats.accepts_by_source),
+        stats.rejected_by_point,
+        stats.lp_iterations,
+        dict(stats.fallback_reasons),
+    )
 
 
 def test_fixture_candidates_are_hard_for_the_certificate_search(basis, cases):

@@ -1,5 +1,6 @@
 """BAT in transformers' `generate` on the real SmolLM2 (the Hugging Face folder set-up builds): seeds, batches
 with num_return_sequences, mask mode, refusals, and the adapter's tokens against the core's on the same logits."""
+
 import os
 
 import numpy as np
@@ -9,9 +10,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch = pytest.importorskip("torch", reason="the transformers adapter needs torch (scripts/setup.sh)")
 transformers = pytest.importorskip("transformers")
 
-import bat_core  # noqa: E402
-from bat_hf import BatLogitsProcessor  # noqa: E402
-from bat_vllm.hf_model import smollm2_hf_folder  # noqa: E402
+import bat_core
+from bat_hf import BatLogitsProcessor
+from bat_models import smollm2_hf_folder
 
 PROMPTS = ["Once upon a time", "The capital of France is", "def fibonacci(n):"]
 
@@ -41,7 +42,7 @@ def generate(lm, prompts, processors, **kwargs):
     inputs = tokenizer(prompts, return_tensors="pt", padding=True)
     kwargs = {"do_sample": True, "max_new_tokens": 12, "pad_token_id": tokenizer.eos_token_id, **kwargs}
     out = model.generate(**inputs, logits_processor=transformers.LogitsProcessorList(processors), **kwargs)
-    return out[:, inputs.input_ids.shape[1]:]
+    return out[:, inputs.input_ids.shape[1] :]
 
 
 @pytest.mark.slow
@@ -57,8 +58,9 @@ def test_tokens_are_the_cores_draws_on_the_same_logits_and_a_seed_reproduces(lm)
     basis = proc.basis
     eos = lm[1].eos_token_id
     for row in range(6):
-        sampler = bat_core.BatSampler(basis, bat_core.ThresholdRule("tau", 0.05), seed=3 + row,
-                                      config=bat_core.BatConfig.for_generation())
+        sampler = bat_core.BatSampler(
+            basis, bat_core.ThresholdRule("tau", 0.05), seed=3 + row, config=bat_core.BatConfig.for_generation()
+        )
         for step, logits in enumerate(raw.rows):
             if step > 0 and int(first[row, step - 1]) == eos:
                 break  # transformers pads a finished row whatever BAT drew
@@ -73,8 +75,9 @@ def test_mask_mode_leaves_the_proven_set_and_sampling_stays_inside_it(lm):
     raw, masked = Recorder(), Recorder()
     proc = BatLogitsProcessor(lm[0], eta=0.02, mode="mask", seed=5)
     tokens = generate(lm, PROMPTS[:1], [raw, proc, masked], max_new_tokens=10)[0]
-    sampler = bat_core.BatSampler(proc.basis, bat_core.ThresholdRule("eta", 0.02), seed=5,
-                                  config=bat_core.BatConfig.for_generation())
+    sampler = bat_core.BatSampler(
+        proc.basis, bat_core.ThresholdRule("eta", 0.02), seed=5, config=bat_core.BatConfig.for_generation()
+    )
     for step, (z, kept) in enumerate(zip(raw.rows, masked.rows)):
         expected = sampler.mask(z[0], step=step).mask
         assert (np.isfinite(kept[0]) == expected).all()
@@ -99,8 +102,13 @@ def test_settings_that_change_the_logits_before_bat_are_refused(lm):
 
 def test_bad_arguments_are_refused(lm):
     model = lm[0]
-    for kwargs, message in [({"eta": 0.001, "tau": 0.1}, "one threshold rule"), ({"eta": 2.0}, "out of range"),
-                            ({"mode": "beam"}, "mode="), ({"seed": -1}, "seed="), ({"seed": 1.5}, "seed=")]:
+    for kwargs, message in [
+        ({"eta": 0.001, "tau": 0.1}, "one threshold rule"),
+        ({"eta": 2.0}, "out of range"),
+        ({"mode": "beam"}, "mode="),
+        ({"seed": -1}, "seed="),
+        ({"seed": 1.5}, "seed="),
+    ]:
         with pytest.raises(bat_core.BatError, match=message):
             BatLogitsProcessor(model, **kwargs)
     with pytest.raises(bat_core.BatError, match="no output embeddings"):

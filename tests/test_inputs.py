@@ -1,10 +1,11 @@
 """Bad input gives clear errors; shapes, padding, dtypes and soft-capping are handled."""
+
 import numpy as np
 import pytest
+from independent import exact_product_and_rounding_bound
 
 import bat_core
 from bat_core import BatError
-from independent import exact_product_and_rounding_bound
 
 rng = np.random.default_rng(0)
 W = rng.normal(size=(40, 4)).astype(np.float32)
@@ -34,15 +35,19 @@ def test_logits_narrower_than_W():
 def test_engine_padding_columns_are_ignored_and_never_decided():
     padded = np.concatenate([LOGITS, np.full(8, 50.0, np.float32)])  # padding with huge logits
     basis = bat_core.Basis(W)
-    assert basis.decide(padded, [1, 2], 0.05).tolist() == basis.decide(LOGITS, [1, 2], 0.05).tolist()
+    assert (
+        bat_core.decide(basis, padded, [1, 2], 0.05).tolist() == bat_core.decide(basis, LOGITS, [1, 2], 0.05).tolist()
+    )
     with pytest.raises(BatError, match=r"must lie in \[0, 40\)"):
-        basis.decide(padded, [42], 0.05)
+        bat_core.decide(basis, padded, [42], 0.05)
     sampler = bat_core.BatSampler(basis, bat_core.ThresholdRule("tau", 0.05), seed=0)
     assert all(sampler.sample(padded).token < 40 for _ in range(50))
     assert sampler.mask(padded).mask.shape == (40,)
 
 
-@pytest.mark.parametrize("kind,value", [("eta", -0.1), ("epsilon", 1.0), ("tau", 0.0), ("eta", float("nan")), ("top_p", 0.9)])
+@pytest.mark.parametrize(
+    "kind,value", [("eta", -0.1), ("epsilon", 1.0), ("tau", 0.0), ("eta", float("nan")), ("top_p", 0.9)]
+)
 def test_bad_rules(kind, value):
     with pytest.raises(BatError):
         bat_core.ThresholdRule(kind, value)
@@ -75,7 +80,7 @@ def test_any_float_dtype_gives_the_same_answer():
 
 def test_softcap_logits_beyond_the_cap_are_refused():
     with pytest.raises(BatError, match="soft-cap"):
-        bat_core.Basis(W, softcap=1.0).decide(LOGITS * 10, [1], 0.1)
+        bat_core.decide(bat_core.Basis(W, softcap=1.0), LOGITS * 10, [1], 0.1)
     with pytest.raises(BatError, match="softcap"):
         bat_core.Basis(W, softcap=-3.0)
 
@@ -90,7 +95,7 @@ def test_softcap_uses_scaled_rows():
     tau = 0.05
     for token in np.flatnonzero(p < tau)[:10]:
         ref = bat_core.reference_decide(basis, z, int(token), tau)
-        assert basis.decide(z, [int(token)], tau)[0] == ref.accepted
+        assert bat_core.decide(basis, z, [int(token)], tau)[0] == ref.accepted
 
 
 def test_one_request_failing_leaves_another_intact():
@@ -150,10 +155,15 @@ def test_product_on_a_torch_device_keeps_the_rounding_bound():
     assert basis.matvec_device == "numpy"
 
 
-@pytest.mark.parametrize("knob, value, message", [
-    ("near_sizes", (16384, 0), "near_sizes"), ("point_columns", (), "point_columns"), ("tol", 1.0, "tol"),
-    ("time_budget", -1.0, "time_budget"),
-])
+@pytest.mark.parametrize(
+    "knob, value, message",
+    [
+        ("search_levels", (32, 0), "search_levels"),
+        ("point_columns", (), "point_columns"),
+        ("tol", 1.0, "tol"),
+        ("time_budget", -1.0, "time_budget"),
+    ],
+)
 def test_bad_config_knobs_say_which(knob, value, message):
     with pytest.raises(BatError, match=message):
         bat_core.BatConfig(**{knob: value})

@@ -1,5 +1,6 @@
 """The llama.cpp adapter on the real engine: SmolLM2 from the registry, and tiny random GGUF models
 that llama.cpp itself quantizes."""
+
 import json
 import os
 import subprocess
@@ -8,16 +9,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-import bat_core
 from independent import augmented, check_accept, softmax64
 
+import bat_core
+
 llama_cpp = pytest.importorskip("llama_cpp", reason="adapter tests need llama-cpp-python (scripts/setup.sh)")
-from bat_llamacpp import BatLlama, EtaLogitsProcessor, rule_from  # noqa: E402
-from bat_llamacpp.gguf_weights import read_output_layer  # noqa: E402
-from bat_llamacpp.models import smollm2_path  # noqa: E402
-from bat_llamacpp.trajectories import last_logits  # noqa: E402
-from tiny_gguf import quantize, write_tiny_llama  # noqa: E402
+from tiny_gguf import quantize, write_tiny_llama
+
+from bat_llamacpp import BatLlama, EtaLogitsProcessor, rule_from
+from bat_llamacpp.trajectories import last_logits
+from bat_models import (
+    output_layer,
+    smollm2_path,
+)
 
 PROMPTS = ["Once upon a time", "The best way to learn"]
 
@@ -85,8 +89,11 @@ def test_engine_logits_lie_in_the_span_of_the_gguf_matrix(llm, bat):
 
 def test_bad_settings_are_clear_errors_and_leave_the_model_usable(llm, bat):
     for kwargs, words in (
-        ({"eta": -0.1}, "out of range"), ({"tau": 1.0}, "out of range"), ({"epsilon": "x"}, "not a number"),
-        ({"mode": "greedy"}, "unknown mode"), ({"eta": 0.001, "tau": 0.1}, "one threshold rule"),
+        ({"eta": -0.1}, "out of range"),
+        ({"tau": 1.0}, "out of range"),
+        ({"epsilon": "x"}, "not a number"),
+        ({"mode": "greedy"}, "unknown mode"),
+        ({"eta": 0.001, "tau": 0.1}, "one threshold rule"),
         ({"seed": -3}, "non-negative"),
     ):
         with pytest.raises(bat_core.BatError, match=words):
@@ -142,7 +149,7 @@ def test_dequantized_matrix_matches_gguf_reference_and_engine(tiny, kind):
     from gguf.quants import dequantize
 
     W, paths = tiny
-    layer = read_output_layer(paths[kind])
+    layer = output_layer(paths[kind])
     assert layer.quantization == kind and layer.tensor_name == "token_embd.weight"
     tensor = next(t for t in GGUFReader(paths[kind]).tensors if t.name == "token_embd.weight")
     reference = dequantize(tensor.data, tensor.tensor_type).reshape(W.shape)
@@ -182,19 +189,19 @@ def test_bad_model_files_are_clear_errors(tmp_path, llm):
     from gguf import GGMLQuantizationType
 
     with pytest.raises(bat_core.BatError, match="not found"):
-        read_output_layer(str(tmp_path / "missing.gguf"))
+        output_layer(str(tmp_path / "missing.gguf"))
     text = tmp_path / "notes.gguf"
     text.write_text("not a model")
     with pytest.raises(bat_core.BatError, match="not a GGUF file"):
-        read_output_layer(str(text))
+        output_layer(str(text))
     no_output = tmp_path / "no-output.gguf"
     write_raw_gguf(no_output, {"blk.0.attn_norm.weight": (np.ones(64, np.float32), None)})
     with pytest.raises(bat_core.BatError, match="no output matrix"):
-        read_output_layer(str(no_output))
+        output_layer(str(no_output))
     q8_1 = tmp_path / "q8_1.gguf"  # 4 rows of 64 values: 2 blocks of 40 bytes per row
     write_raw_gguf(q8_1, {"output.weight": (np.zeros((4, 80), np.uint8), GGMLQuantizationType.Q8_1)})
     with pytest.raises(bat_core.BatError, match="Q8_1"):
-        read_output_layer(str(q8_1))
+        output_layer(str(q8_1))
     small = tmp_path / "small-vocab.gguf"
     write_raw_gguf(small, {"output.weight": (np.ones((1000, 576), np.float32), None)})
     loaded = llm.model_path
@@ -273,8 +280,9 @@ def test_a_failing_step_fails_closed_in_completions_streams_and_chat(llm, bat, m
             elif run == "stream":
                 list(llm(PROMPTS[0], max_tokens=8, stream=True, **proc.completion_kwargs()))
             else:
-                reply = proc.create_chat_completion([{"role": "user", "content": "Say hello."}], max_tokens=8,
-                                                    stream=run == "chat_stream")
+                reply = proc.create_chat_completion(
+                    [{"role": "user", "content": "Say hello."}], max_tokens=8, stream=run == "chat_stream"
+                )
                 if run == "chat_stream":
                     list(reply)
         assert proc.stats.errors >= 1
@@ -297,8 +305,11 @@ def test_bat_draws_within_a_grammar(llm, bat, mode):
         assert proc.stats.grammar_steps == proc.stats.tokens >= 2 and proc.stats.errors == 0
         texts.add(text)
     chat = bat.processor(tau=0.05, mode=mode, seed=0)
-    reply = chat.create_chat_completion([{"role": "user", "content": "Give a JSON object with a key a."}],
-                                        max_tokens=24, response_format={"type": "json_object"})
+    reply = chat.create_chat_completion(
+        [{"role": "user", "content": "Give a JSON object with a key a."}],
+        max_tokens=24,
+        response_format={"type": "json_object"},
+    )
     content = reply["choices"][0]["message"]["content"]
     assert content.lstrip().startswith("{") and chat.stats.grammar_steps == chat.stats.tokens > 0
     # without a grammar, no step is restricted

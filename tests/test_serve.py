@@ -2,6 +2,7 @@
 with the registry's SmolLM2 and driven with the official `openai` client: completions, chat and streams with
 and without BAT, BAT keys at the top level and in vllm_xargs, seeds, refusals with HTTP 400, 8 concurrent
 clients, a client that leaves mid-stream, and the server alive at the end."""
+
 import json
 import os
 import sys
@@ -14,7 +15,7 @@ import pytest
 pytest.importorskip("llama_cpp.server", reason="bat serve needs llama-cpp-python[server] (scripts/setup.sh)")
 openai = pytest.importorskip("openai", reason="the server tests use the official openai client")
 
-from servers import free_port, healthy, start, stop  # noqa: E402
+from servers import free_port, healthy, start, stop
 
 PROMPTS = ["Once upon a time", "The capital of France is", "My favourite food is", "In 1905,"]
 MODEL = "SmolLM2-135M-Instruct.Q4_1"
@@ -24,7 +25,18 @@ MODEL = "SmolLM2-135M-Instruct.Q4_1"
 def server(tmp_path_factory):
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "bat_llamacpp.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--n-ctx", "1024"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bat_llamacpp.cli",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--n-ctx",
+        "1024",
+    ]
     log = open(tmp_path_factory.mktemp("bat-serve") / "server.log", "w+")
     process = start(cmd, dict(os.environ), log, base, "bat serve", deadline_s=180)
     try:
@@ -47,8 +59,9 @@ def complete(client, prompt, max_tokens=16, **extra):
 def streamed(client, prompt, max_tokens=16, **extra):
     """(text, the `bat` field of the final chunk) of a streamed completion."""
     text, stats = "", None
-    for chunk in client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, stream=True,
-                                           extra_body=extra or None):
+    for chunk in client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=max_tokens, stream=True, extra_body=extra or None
+    ):
         text += chunk.choices[0].text
         stats = (chunk.model_extra or {}).get("bat", stats)
     return text, stats
@@ -56,8 +69,9 @@ def streamed(client, prompt, max_tokens=16, **extra):
 
 def chat(client, content, max_tokens=16, stream=False, **extra):
     messages = [{"role": "user", "content": content}]
-    out = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=max_tokens, stream=stream,
-                                         extra_body=extra or None)
+    out = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=max_tokens, stream=stream, extra_body=extra or None
+    )
     if not stream:
         return out.choices[0].message.content, out.model_extra.get("bat")
     text, stats = "", None
@@ -88,7 +102,9 @@ def test_bat_completion_reproduces_with_statistics_and_either_key_form(server):
     nested = complete(client, PROMPTS[0], max_tokens=24, vllm_xargs={"bat_eta": 0.0009, "bat_seed": 3})
     assert again.choices[0].text == first.choices[0].text == nested.choices[0].text
     # the request's own `seed` seeds BAT when bat_seed is absent; a stream gives the same text and statistics
-    by_seed = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=24, seed=3, extra_body={"bat_eta": 0.0009})
+    by_seed = client.completions.create(
+        model=MODEL, prompt=PROMPTS[0], max_tokens=24, seed=3, extra_body={"bat_eta": 0.0009}
+    )
     text, streamed_stats = streamed(client, PROMPTS[0], max_tokens=24, bat_eta=0.0009, bat_seed=3)
     assert by_seed.choices[0].text == text == first.choices[0].text
     assert streamed_stats["tokens"] == stats["tokens"] and streamed_stats["below_tau"] == stats["below_tau"]
@@ -100,7 +116,7 @@ def test_bat_text_equals_the_in_process_adapter(server):
     from llama_cpp import Llama
 
     from bat_llamacpp import BatLlama
-    from bat_llamacpp.models import smollm2_path
+    from bat_models import smollm2_path
 
     llm = Llama(model_path=smollm2_path(), n_ctx=1024, verbose=False, n_threads=os.cpu_count())
     proc = BatLlama(llm).processor(tau=0.1, seed=11)
@@ -115,11 +131,13 @@ def test_mask_mode_chat_and_chat_stream(server):
     client = server["client"]
     masked = complete(client, PROMPTS[2], max_tokens=16, bat_eta=0.02, bat_mode="mask", bat_seed=5)
     assert masked.choices[0].text and masked.model_extra["bat"]["mode"] == "mask"
-    assert masked.choices[0].text == complete(client, PROMPTS[2], max_tokens=16, bat_eta=0.02, bat_mode="mask",
-                                              bat_seed=5).choices[0].text
+    assert (
+        masked.choices[0].text
+        == complete(client, PROMPTS[2], max_tokens=16, bat_eta=0.02, bat_mode="mask", bat_seed=5).choices[0].text
+    )
     text, stats = chat(client, "Name a colour.", bat_epsilon=0.0003, bat_seed=2)
     assert text and stats["tokens"] >= 1 and stats["errors"] == 0
-    assert chat(client, "Name a colour.", stream=True, bat_epsilon=0.0003, bat_seed=2) [0] == text
+    assert chat(client, "Name a colour.", stream=True, bat_epsilon=0.0003, bat_seed=2)[0] == text
     plain, plain_stats = chat(client, "Name a colour.")
     assert plain and plain_stats is None  # no BAT keys: llama.cpp's own samplers, no `bat` field
 
@@ -150,8 +168,11 @@ def test_eight_concurrent_clients_get_their_own_seeded_text(server):
     """Requests queue for the one model: each of 8 concurrent clients (completions, streams, chat, plain) gets
     exactly the text its settings give when sent alone."""
     client = server["client"]
-    jobs = [("complete", PROMPTS[i % 4], i) for i in range(4)] + [("stream", PROMPTS[i % 4], 10 + i) for i in range(2)] \
+    jobs = (
+        [("complete", PROMPTS[i % 4], i) for i in range(4)]
+        + [("stream", PROMPTS[i % 4], 10 + i) for i in range(2)]
         + [("chat", "Say something about the sea.", 20), ("plain", PROMPTS[0], None)]
+    )
 
     def run(job):
         kind, prompt, seed = job
@@ -174,8 +195,13 @@ def test_eight_concurrent_clients_get_their_own_seeded_text(server):
 def test_a_client_that_leaves_mid_stream_frees_the_model(server):
     client = server["client"]
     before = health(server)["requests"]["cancelled_streams"]
-    stream = client.completions.create(model=MODEL, prompt="List every number from one to a thousand:", max_tokens=900,
-                                       stream=True, extra_body={"bat_eta": 0.0009, "bat_seed": 1})
+    stream = client.completions.create(
+        model=MODEL,
+        prompt="List every number from one to a thousand:",
+        max_tokens=900,
+        stream=True,
+        extra_body={"bat_eta": 0.0009, "bat_seed": 1},
+    )
     for i, _ in enumerate(stream):
         if i == 2:
             break

@@ -1,9 +1,10 @@
 """The paper's worked example (Finlayson et al., fig. 3) through every public entry point."""
+
 import numpy as np
 import pytest
+from independent import augmented, check_accept, check_reject, softmax64
 
 import bat_core
-from independent import augmented, check_accept, check_reject, softmax64
 
 W = np.array([[0.55], [0.71], [0.29]])
 LOGITS = W[:, 0] * 2.55

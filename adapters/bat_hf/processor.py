@@ -16,6 +16,7 @@ k of a generation draws from the generator of (seed + r, k), so a seed reproduce
 whose input is not the last one plus one token starts a new generation (beam search, which reorders
 rows, is not supported). A failure raises `BatError` out of `generate`.
 """
+
 from __future__ import annotations
 
 import time
@@ -30,9 +31,20 @@ from bat_core import BatError, rule_from
 
 MODES = ("sample", "mask")
 SPAN_TOLERANCE = 1e-3  # relative residual of float32 logits; a wrong matrix or a penalty gives ~0.01-1
-BEFORE_CUSTOM_PROCESSORS = ("repetition_penalty", "sequence_bias", "bad_words_ids", "min_new_tokens", "min_length",
-                            "no_repeat_ngram_size", "suppress_tokens", "begin_suppress_tokens", "forced_bos_token_id",
-                            "forced_eos_token_id", "prefix_allowed_tokens_fn", "guidance_scale")
+BEFORE_CUSTOM_PROCESSORS = (
+    "repetition_penalty",
+    "sequence_bias",
+    "bad_words_ids",
+    "min_new_tokens",
+    "min_length",
+    "no_repeat_ngram_size",
+    "suppress_tokens",
+    "begin_suppress_tokens",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+    "prefix_allowed_tokens_fn",
+    "guidance_scale",
+)
 _bases: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (weight pointer, Basis)
 
 
@@ -76,8 +88,15 @@ class BatLogitsProcessor:
     """BAT for `model.generate(..., logits_processor=[proc])`; one processor may serve many generations."""
 
     def __init__(
-        self, model: Any, *, eta: float | None = None, epsilon: float | None = None, tau: float | None = None,
-        mode: str = "sample", seed: int | None = None, config: bat_core.BatConfig | None = None,
+        self,
+        model: Any,
+        *,
+        eta: float | None = None,
+        epsilon: float | None = None,
+        tau: float | None = None,
+        mode: str = "sample",
+        seed: int | None = None,
+        config: bat_core.BatConfig | None = None,
     ) -> None:
         if mode not in MODES:
             raise BatError(f"mode={mode!r}: use 'sample' (the paper's sampler) or 'mask' (the proven set)")
@@ -109,8 +128,10 @@ class BatLogitsProcessor:
         start = time.perf_counter()
         z = scores.detach().float().cpu().numpy()
         if z.ndim != 2 or z.shape[1] != self.basis.vocab_size:
-            raise BatError(f"scores of shape {tuple(z.shape)} do not match the model's output matrix "
-                           f"({self.basis.vocab_size} tokens)")
+            raise BatError(
+                f"scores of shape {tuple(z.shape)} do not match the model's output matrix "
+                f"({self.basis.vocab_size} tokens)"
+            )
         if not np.isfinite(z).all():
             raise BatError(_changed_logits("logits that are not finite"))
         if not self._continues(input_ids):
@@ -125,8 +146,12 @@ class BatLogitsProcessor:
 
     def _continues(self, input_ids: Any) -> bool:
         last = self._last
-        return (last is not None and input_ids.shape[0] == last.shape[0] and input_ids.shape[1] == last.shape[1] + 1
-                and bool((input_ids[:, :-1] == last.to(input_ids.device)).all()))
+        return (
+            last is not None
+            and input_ids.shape[0] == last.shape[0]
+            and input_ids.shape[1] == last.shape[1] + 1
+            and bool((input_ids[:, :-1] == last.to(input_ids.device)).all())
+        )
 
     def _begin(self, input_ids: Any, z: np.ndarray) -> None:
         self._done.extend(s.stats.as_dict() for s in self._rows)
@@ -157,9 +182,11 @@ class BatLogitsProcessor:
 
 
 def _changed_logits(what: str) -> str:
-    return (f"BAT got {what}: it needs the model's raw logits, but transformers applies these generation settings "
-            f"before custom logits processors: {', '.join(BEFORE_CUSTOM_PROCESSORS)}. Unset them (or set "
-            "repetition_penalty=1.0) for BAT; temperature, top_k and top_p run after BAT and may stay")
+    return (
+        f"BAT got {what}: it needs the model's raw logits, but transformers applies these generation settings "
+        f"before custom logits processors: {', '.join(BEFORE_CUSTOM_PROCESSORS)}. Unset them (or set "
+        "repetition_penalty=1.0) for BAT; temperature, top_k and top_p run after BAT and may stay"
+    )
 
 
 def _summed(dicts: list[dict[str, Any]]) -> dict[str, Any]:

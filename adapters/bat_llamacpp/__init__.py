@@ -1,4 +1,5 @@
 """bat-sampling for llama.cpp (llama-cpp-python): BAT as a sampler in llama.cpp's sampler chain."""
-from .processor import BatLlama, BatLogitsProcessor, CompletionStats, EtaLogitsProcessor, basis_for_file, rule_from
 
-__all__ = ["BatLlama", "BatLogitsProcessor", "CompletionStats", "EtaLogitsProcessor", "basis_for_file", "rule_from"]
+from .processor import BatLlama, BatLogitsProcessor, CompletionStats, EtaLogitsProcessor, rule_from
+
+__all__ = ["BatLlama", "BatLogitsProcessor", "CompletionStats", "EtaLogitsProcessor", "rule_from"]

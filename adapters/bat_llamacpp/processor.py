@@ -24,11 +24,10 @@ most probable (allowed) token, never the untruncated distribution; the error is 
 the stopping criterion that `completion_kwargs()` installs (completions, streaming) or by
 `create_chat_completion` (chat), before the next token is returned.
 """
+
 from __future__ import annotations
 
 import ctypes
-import os
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -38,29 +37,11 @@ import numpy as np
 
 import bat_core
 from bat_core import BatError, ThresholdRule, rule_from
-
-from .gguf_weights import read_output_layer
+from bat_models import basis_for
 
 MODES = ("sample", "mask")
 GENERATION_TIME_BUDGET = bat_core.GENERATION_TIME_BUDGET  # the clock per decision: a safety net (docs/core.md)
 SPAN_TOLERANCE = 1e-3  # relative residual; the right W gives ~1e-5 (float32), a wrong one ~0.1-1
-
-_bases: dict[tuple[str, int, int], bat_core.Basis] = {}
-_bases_lock = threading.Lock()
-
-
-def basis_for_file(path: str) -> bat_core.Basis:
-    """The Basis of a GGUF file, dequantized once per process and shared by every completion."""
-    try:
-        info = os.stat(path)
-    except OSError as exc:
-        raise BatError(f"model file not found: {path}") from exc
-    key = (os.path.realpath(path), info.st_size, info.st_mtime_ns)
-    with _bases_lock:
-        if key not in _bases:
-            layer = read_output_layer(path)
-            _bases[key] = bat_core.Basis(layer.W, bias=layer.bias, softcap=layer.softcap)
-        return _bases[key]
 
 
 @dataclass
@@ -101,7 +82,7 @@ class BatLlama:
             raise BatError("this Llama object has no model_path: BatLlama reads W from the GGUF file it loaded")
         self.llm = llm
         bat_core.limit_blas_threads()
-        self.basis = basis_for_file(path)
+        self.basis = basis_for(path)
         n_vocab = int(llm.n_vocab())
         if self.basis.vocab_size != n_vocab:
             raise BatError(
@@ -252,9 +233,15 @@ class BatLogitsProcessor:
                 self._stats.below_tau += 1
                 self.last_below_tau = {result.token}
                 if self.records is not None:
-                    self.records.append(StepRecord(
-                        result.token, result.probability, result.tau, z.copy(), result.decisions[-1].certificate,
-                    ))
+                    self.records.append(
+                        StepRecord(
+                            result.token,
+                            result.probability,
+                            result.tau,
+                            z.copy(),
+                            result.decisions[-1].certificate,
+                        )
+                    )
         else:
             masked = self.sampler.mask(z, allowed=allowed)
             keep = np.flatnonzero(masked.mask)
@@ -334,7 +321,11 @@ def neutral_sampling_kwargs(processor: Any, seed: int | None) -> dict[str, Any]:
 
     kwargs: dict[str, Any] = {
         "logits_processor": LogitsProcessorList([processor]),
-        "temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "repeat_penalty": 1.0,
+        "temperature": 1.0,
+        "top_k": 0,
+        "top_p": 1.0,
+        "min_p": 0.0,
+        "repeat_penalty": 1.0,
     }
     if seed is not None:
         kwargs["seed"] = int(seed)

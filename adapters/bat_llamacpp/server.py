@@ -11,6 +11,7 @@ with the same arguments as in `llama_cpp.server`. A BAT response carries the req
 in a `bat` field (in a stream: on the chunk with the finish reason). Generations take the one model in
 turn; a stream whose client goes away stops within a token and frees the model (docs/serve.md).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -40,11 +41,28 @@ from .trajectories import last_logits
 
 logger = logging.getLogger("bat.serve")
 GENERATION_ROUTES = ("/v1/completions", "/v1/chat/completions")
-UNUSED_FIELDS = {"n", "best_of", "logit_bias_type", "user", "min_tokens"}  # as llama_cpp.server: not passed to llama.cpp
+UNUSED_FIELDS = {
+    "n",
+    "best_of",
+    "logit_bias_type",
+    "user",
+    "min_tokens",
+}  # as llama_cpp.server: not passed to llama.cpp
 # llama.cpp's samplers after BAT: neutral for BAT requests unless the request sets them (they then act on
 # BAT's mask in mask mode, and cannot change BAT's single token in sample mode)
-SAMPLING_FIELDS = {"temperature", "top_k", "top_p", "min_p", "repeat_penalty", "typical_p", "presence_penalty",
-                   "frequency_penalty", "mirostat_mode", "mirostat_tau", "mirostat_eta"}
+SAMPLING_FIELDS = {
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "repeat_penalty",
+    "typical_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "mirostat_mode",
+    "mirostat_tau",
+    "mirostat_eta",
+}
 
 
 class ModelSlot:
@@ -101,8 +119,9 @@ class ModelSlot:
         with self.held():
             return call()
 
-    def stream(self, call: Callable[[], Iterator[Any]], send: Callable[[tuple[str, Any]], None],
-               stop: threading.Event) -> None:
+    def stream(
+        self, call: Callable[[], Iterator[Any]], send: Callable[[tuple[str, Any]], None], stop: threading.Event
+    ) -> None:
         """In a worker thread: a streamed generation with the model held; `stop` (the client left) ends it
         after the current token. Sends ("chunk", c)..., then ("error", exc) or ("end", None)."""
         with self.held():
@@ -122,9 +141,14 @@ class ModelSlot:
                     chunks.close()
 
     def health(self) -> dict[str, Any]:
-        return {"status": "ok", "model": self.llm.model_path,
-                "bat": "ready" if self.bat is not None else {"refused": self.refusal},
-                "requests": {k: self.counts[k] for k in ("served", "bat", "failed", "cancelled_streams", "active", "waiting")}}
+        return {
+            "status": "ok",
+            "model": self.llm.model_path,
+            "bat": "ready" if self.bat is not None else {"refused": self.refusal},
+            "requests": {
+                k: self.counts[k] for k in ("served", "bat", "failed", "cancelled_streams", "active", "waiting")
+            },
+        }
 
 
 def settings_of(raw: dict[str, Any]) -> RequestSettings | None:
@@ -144,8 +168,10 @@ def generation_kwargs(body: Any, processor: Any, chat: bool) -> dict[str, Any]:
     """llama-cpp-python's arguments for the request, built by llama_cpp.server's own code; for a BAT request
     with BAT at the head of the chain and the samplers after it neutral unless the request sets them."""
     if processor is not None and body.logit_bias is not None:
-        raise BatError("logit_bias changes the logits before BAT (and llama-cpp-python then drops BAT from the "
-                       "sampler chain): drop logit_bias for BAT requests")
+        raise BatError(
+            "logit_bias changes the logits before BAT (and llama-cpp-python then drops BAT from the "
+            "sampler chain): drop logit_bias for BAT requests"
+        )
     if processor is not None and body.min_tokens > 0:
         raise BatError("min_tokens masks the end of the text before BAT: drop min_tokens for BAT requests")
     kwargs = body.model_dump(exclude=UNUSED_FIELDS)
@@ -161,24 +187,38 @@ def generation_kwargs(body: Any, processor: Any, chat: bool) -> dict[str, Any]:
         kwargs.pop(name, None)
     if kwargs.get("seed") is None:
         kwargs.pop("seed", None)  # BAT's seed then seeds llama.cpp's draw too (mask mode)
-    chain = processor.chat_kwargs() if chat and isinstance(processor, BatLogitsProcessor) else processor.completion_kwargs()
+    chain = (
+        processor.chat_kwargs() if chat and isinstance(processor, BatLogitsProcessor) else processor.completion_kwargs()
+    )
     return {**chain, **kwargs}
 
 
 def bat_summary(processor: Any, settings: RequestSettings) -> dict[str, Any]:
     """The `bat` field of a response: what BAT did for this request."""
-    out: dict[str, Any] = {"mode": settings.mode, "rule": {"kind": settings.rule.kind, "value": settings.rule.value},
-                           "seed": settings.seed}
+    out: dict[str, Any] = {
+        "mode": settings.mode,
+        "rule": {"kind": settings.rule.kind, "value": settings.rule.value},
+        "seed": settings.seed,
+    }
     if not isinstance(processor, BatLogitsProcessor):
         return out
     s = processor.stats
     core = s.core
     below = s.below_tau if settings.mode == "sample" else s.mask_accepted_below_tau
-    return {**out, "tokens": s.tokens, "below_tau": below, "decisions": core.get("candidates", 0),
-            "by_threshold": core.get("by_threshold", 0), "by_certificate": core.get("by_certificate", 0),
-            "by_lp": core.get("by_lp", 0), "unproven": core.get("fallbacks", 0),
-            "argmax_fallbacks": s.argmax_fallbacks, "mask_undecided_mass": s.mask_undecided_mass,
-            "errors": s.errors, "bat_seconds": s.bat_seconds}
+    return {
+        **out,
+        "tokens": s.tokens,
+        "below_tau": below,
+        "decisions": core.get("candidates", 0),
+        "by_threshold": core.get("by_threshold", 0),
+        "by_certificate": core.get("by_certificate", 0),
+        "by_lp": core.get("by_lp", 0),
+        "unproven": core.get("fallbacks", 0),
+        "argmax_fallbacks": s.argmax_fallbacks,
+        "mask_undecided_mass": s.mask_undecided_mass,
+        "errors": s.errors,
+        "bat_seconds": s.bat_seconds,
+    }
 
 
 def error_response(exc: BaseException, generating: bool) -> JSONResponse:
@@ -284,8 +324,14 @@ def create_app(model_path: str, n_ctx: int = 2048, api_key: str | None = None) -
     if not os.path.isfile(model_path):
         raise BatError(f"model file not found: {model_path}")
     alias = os.path.basename(model_path).removesuffix(".gguf")
-    model = ModelSettings(model=model_path, model_alias=alias, n_ctx=n_ctx, n_threads=os.cpu_count() or 1,
-                          n_threads_batch=os.cpu_count() or 1, verbose=False)
+    model = ModelSettings(
+        model=model_path,
+        model_alias=alias,
+        n_ctx=n_ctx,
+        n_threads=os.cpu_count() or 1,
+        n_threads_batch=os.cpu_count() or 1,
+        verbose=False,
+    )
     # interrupt_requests off: a waiting request queues instead of cutting a running stream short
     server = ServerSettings(interrupt_requests=False, api_key=api_key)
     app = llama_app.create_app(server_settings=server, model_settings=[model])

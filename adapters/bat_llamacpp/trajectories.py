@@ -1,4 +1,5 @@
 """Real next-token distributions from llama.cpp, for tests and benchmarks."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -11,8 +11,9 @@ Per-request settings (flat keys, the same in `extra_args` and `vllm_xargs`): exa
 `bat_epsilon`, `bat_tau`; optional `bat_mode` ("sample", "mask", or "threshold": the plain rule
 without BAT), `bat_seed` (default: the request's own seed), `bat_time_budget` (seconds per
 decision, the exact path's safety-net clock, at most the operator's BAT_MAX_TIME_BUDGET; default
-bat_core.GENERATION_TIME_BUDGET, 10 s; 0: certificate search only). Settings that change the logits before BAT (structured outputs,
-logit_bias, allowed_token_ids, bad_words, min_tokens) are refused: BAT needs the raw distribution.
+bat_core.GENERATION_TIME_BUDGET, 10 s; 0: certificate search only). Settings that change the logits
+before BAT (structured outputs, logit_bias, allowed_token_ids, bad_words, min_tokens) are refused: BAT
+needs the raw distribution.
 
 A request without `bat_` keys is not touched. The processor keeps one core `BatSampler` per BAT
 request, keyed by its row in vLLM's persistent batch, and follows vLLM's added / removed / moved
@@ -21,6 +22,7 @@ seed gives the same text whatever else is in the batch (chunked prefill, preempt
 Nothing BAT does can stop the engine: a failure on one request leaves that request its most probable
 token and is counted; the other rows and requests go on (docs/vllm.md).
 """
+
 from __future__ import annotations
 
 import json
@@ -41,11 +43,11 @@ import bat_core
 from bat_core import BatError
 from bat_core.lp import live_models
 from bat_core.threads import usable_cores
+from bat_models import basis_for, check_model
 
-from .checkpoint import basis_for, check_model, read_output_matrix, softcap_of
-from .settings import asks_for_bat, max_time_budget, settings_from
+from .settings import asks_for_bat, max_time_budget, settings_from, softcap_of
 
-__all__ = ["BatLogitsProcessor", "active_processors", "read_output_matrix", "settings_from"]
+__all__ = ["BatLogitsProcessor", "active_processors", "settings_from"]
 
 # relative span residual at first use: float32 engines give ~1e-6, 16-bit ones ~1e-3
 SPAN_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 3e-2, torch.float16: 3e-2}
@@ -72,6 +74,7 @@ def resident_mb() -> float | None:
 
 def _first_for_engine(vllm_config: Any) -> bool:
     """Whether no acting BAT processor exists yet for this engine (identity of its config, never a reused id)."""
+
     def target(entry: Any) -> Any:
         return entry() if isinstance(entry, weakref.ref) else entry
 
@@ -115,8 +118,13 @@ class StepTimes:
 
     def as_dict(self) -> dict[str, float]:
         total = self.bat_seconds + self.forward_seconds
-        return {"steps": self.steps, "bat_seconds": self.bat_seconds, "forward_seconds": self.forward_seconds,
-                "max_bat_seconds": self.max_bat_seconds, "bat_share": self.bat_seconds / total if total else 0.0}
+        return {
+            "steps": self.steps,
+            "bat_seconds": self.bat_seconds,
+            "forward_seconds": self.forward_seconds,
+            "max_bat_seconds": self.max_bat_seconds,
+            "bat_share": self.bat_seconds / total if total else 0.0,
+        }
 
 
 class BatLogitsProcessor(LogitsProcessor):
@@ -191,8 +199,11 @@ class BatLogitsProcessor(LogitsProcessor):
         """BAT cannot serve this engine's model: said once; BAT requests keep their most probable tokens."""
         if self.refusal is None:
             self.refusal = f"{type(exc).__name__}: {exc}"
-            logger.error("BAT is unavailable on this engine (%s); BAT requests will keep only their most probable "
-                         "token at each step, other requests are not affected", self.refusal)
+            logger.error(
+                "BAT is unavailable on this engine (%s); BAT requests will keep only their most probable "
+                "token at each step, other requests are not affected",
+                self.refusal,
+            )
 
     def is_argmax_invariant(self) -> bool:
         return False  # BAT must see the logits before temperature, and may change the argmax draw
@@ -265,9 +276,15 @@ class BatLogitsProcessor(LogitsProcessor):
         decisions of the requests that left, BAT's share of the steps' time, and the BAT time of the costliest
         request in the batch (a noisy neighbour)."""
         busiest = max((state.bat_seconds for state in self.requests.values()), default=0.0)
-        return {"active_requests": len(self.requests), "highs_models": live_models(), "refusal": self.refusal,
-                "totals": dict(self.totals), "steps": self.step_times.as_dict(), "busiest_request_seconds": busiest,
-                "resident_mb": resident_mb()}
+        return {
+            "active_requests": len(self.requests),
+            "highs_models": live_models(),
+            "refusal": self.refusal,
+            "totals": dict(self.totals),
+            "steps": self.step_times.as_dict(),
+            "busiest_request_seconds": busiest,
+            "resident_mb": resident_mb(),
+        }
 
     def _write_stats(self, force: bool = False) -> None:
         """stats() to BAT_VLLM_STATS_FILE (atomically; at most twice a second, and whenever the table empties)."""
@@ -353,7 +370,8 @@ class BatLogitsProcessor(LogitsProcessor):
             if not residual < self.span_tolerance:
                 raise BatError(
                     f"the engine's logits are not explained by the output matrix of {self.model} (relative residual "
-                    f"{residual:.2g} > {self.span_tolerance}): a wrong or transformed matrix (a soft-cap or scaling the "
+                    f"{residual:.2g} > {self.span_tolerance}): a wrong or transformed matrix (a soft-cap or "
+                    "scaling the "
                     "model's config does not declare); BAT refuses to sample on them"
                 )
         except Exception as exc:  # noqa: BLE001 - a model BAT cannot serve costs its BAT requests, never the engine
@@ -380,9 +398,11 @@ class BatLogitsProcessor(LogitsProcessor):
         try:
             self.basis.set_matvec_device(device)
         except torch.OutOfMemoryError:
-            logger.warning("no GPU memory for BAT's copy of W (%.0f MB): its product over the vocabulary "
-                           "stays on the CPU; lower gpu_memory_utilization to give it room",
-                           4 * self.basis.vocab_size * self.basis.hidden_size / 1e6)
+            logger.warning(
+                "no GPU memory for BAT's copy of W (%.0f MB): its product over the vocabulary "
+                "stays on the CPU; lower gpu_memory_utilization to give it room",
+                4 * self.basis.vocab_size * self.basis.hidden_size / 1e6,
+            )
 
     def _allowed_tokens(self, state: RequestState, z: np.ndarray) -> np.ndarray:
         """The token ids this request may sample at this step (one id in sample mode)."""
@@ -415,8 +435,12 @@ class BatLogitsProcessor(LogitsProcessor):
         allows), is logged once and counted in `totals["errors"]`; the other rows go on as usual."""
         state.errors += 1
         if state.errors == 1:
-            logger.warning("BAT failed on one request (%s: %s); it keeps only its most probable token at "
-                           "each step that fails, the other requests are not affected", type(exc).__name__, exc)
+            logger.warning(
+                "BAT failed on one request (%s: %s); it keeps only its most probable token at "
+                "each step that fails, the other requests are not affected",
+                type(exc).__name__,
+                exc,
+            )
         return self._argmax(z)
 
     def _record(self, z: np.ndarray, result: bat_core.SampleResult) -> None:

@@ -3,8 +3,8 @@
  *
  * It reads a quarter of the bytes of the float32 product. The sum is plain float32 arithmetic (products,
  * fused multiply-adds and additions in a fixed tree, no reassociation flags), so the rounding bound of
- * certify.py, which holds for any summation order, covers it. Built with `cc -O3 -march=native` on the
- * machine that runs it (bat_core/q8.py); without AVX2 it does not compile and numpy's product is used. */
+ * certify.py, which holds for any summation order, covers it. Built at set-up with fixed flags, AVX2 + FMA
+ * or AVX-512F on top (bat_core/q8.py, VARIANTS); without AVX2 numpy's product is used. */
 #include <stdint.h>
 #include <immintrin.h>
 
@@ -150,29 +150,4 @@ void bat_tail_sums(const float *u, const double *weight, const double *norm, con
         add_value_terms((double)u[j], j, weight, norm, scale, y0, g, tprime, &plus, &minus);
     sums[0] = plus;
     sums[1] = minus;
-}
-
-/* bat_tail_sums over the listed rows only, with each u_j = (W y)_j made on the fly (row_product, float32:
- * the same rounding bound as bat_q8_matvec) instead of read from a product over the whole vocabulary, and
- *   sums[2] = sum_j max(|u_j| - g norm[j], 0)^2,
- * a lower bound (before the float64 rounding of this sum, which the caller allows for) of those rows'
- * energy sum_j (W y)_j^2. The rows are read in the order given, a few ahead (sorted rows read fastest). */
-void bat_q8_rows_tail_sums(const int8_t *q, const float *qscale, const int64_t *tokens, int64_t count,
-                           const float *y, int64_t hidden, const double *weight, const double *norm,
-                           const double *scale, double y0, double g, double tprime, double *sums) {
-    const int64_t blocks = hidden / BLOCK;
-    double plus = 0.0, minus = 0.0, energy = 0.0;
-    for (int64_t k = 0; k < count; k++) {
-        if (k + PREFETCH_ROWS < count)
-            prefetch_row(q, qscale, tokens[k + PREFETCH_ROWS], hidden, blocks);
-        const int64_t j = tokens[k];
-        const double u = (double)row_product(q + j * hidden, qscale + j * blocks, y, blocks);
-        add_value_terms(u, j, weight, norm, scale, y0, g, tprime, &plus, &minus);
-        const double low = (u < 0 ? -u : u) - g * norm[j];
-        if (low > 0)
-            energy += low * low;
-    }
-    sums[0] = plus;
-    sums[1] = minus;
-    sums[2] = energy;
 }

@@ -1,4 +1,5 @@
 """python -m bat_eval [--smoke] [--out FOLDER] [options]: the whole evaluation, resumable."""
+
 from __future__ import annotations
 
 import argparse
@@ -21,17 +22,22 @@ def main(argv: list[str] | None = None) -> int:
     defaults = Settings()
     parser.add_argument("--models", type=numbers(str), help=f"default {','.join(defaults.models)}")
     parser.add_argument("--passages", type=int, help=f"human passages (default {defaults.passages})")
-    parser.add_argument("--positions", type=int, help=f"teacher-forced tokens per passage (default {defaults.positions})")
+    parser.add_argument(
+        "--positions", type=int, help=f"teacher-forced tokens per passage (default {defaults.positions})"
+    )
     parser.add_argument("--levels", type=numbers(float), help="human rejection shares to match (default 0.05,0.1,0.25)")
     parser.add_argument("--generate-levels", type=numbers(float), help="levels to generate at (default 0.1)")
     parser.add_argument("--seeds", type=numbers(int), help="default 0,1,2")
     parser.add_argument("--max-tokens", type=int, help=f"tokens per continuation (default {defaults.max_tokens})")
     parser.add_argument("--time-budget", type=float, help=f"seconds per BAT decision (default {defaults.time_budget})")
-    parser.add_argument("--feature-model", help=f"MAUVE's feature model: smollm2 or gemma3 (default {defaults.feature_model})")
+    parser.add_argument(
+        "--feature-model", help=f"MAUVE's feature model: smollm2 or gemma3 (default {defaults.feature_model})"
+    )
     args = parser.parse_args(argv)
     settings = SMOKE if args.smoke else defaults
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)
-                 if getattr(args, f.name, None) is not None}
+    overrides = {
+        f.name: getattr(args, f.name) for f in dataclasses.fields(Settings) if getattr(args, f.name, None) is not None
+    }
     settings = dataclasses.replace(settings, **overrides)
     if not set(settings.generate_levels) <= set(settings.levels):
         parser.error("every --generate-levels value must be one of --levels")

@@ -6,6 +6,7 @@ Samplers (all at temperature 1, llama.cpp's own truncation samplers off):
 - ``bat-eta`` / ``bat-epsilon``: the adapter's BAT processor (the paper's sampler) on that rule, with
   the same per-decision budget as in matching, so that generation uses the decisions that were matched.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -43,7 +44,9 @@ def make_processor(bat: BatLlama, sampler: str, parameter: float | None, seed: i
     if not sampler.startswith("bat-"):
         return EtaLogitsProcessor(rule, seed=seed)
     return bat.processor(
-        **{rule.kind: rule.value}, seed=seed, config=bat_core.BatConfig.for_generation(time_budget),
+        **{rule.kind: rule.value},
+        seed=seed,
+        config=bat_core.BatConfig.for_generation(time_budget),
     )
 
 
@@ -56,8 +59,17 @@ def human_reference(llm, passages, max_tokens: int) -> list[str]:
     return texts
 
 
-def generate_run(llm, bat: BatLlama, passages, sampler: str, parameter: float | None, seed: int,
-                 max_tokens: int, time_budget: float, progress=None) -> dict:
+def generate_run(
+    llm,
+    bat: BatLlama,
+    passages,
+    sampler: str,
+    parameter: float | None,
+    seed: int,
+    max_tokens: int,
+    time_budget: float,
+    progress=None,
+) -> dict:
     """One sampler, one seed, every passage: texts, lengths and (BAT) the tokens taken below tau."""
     rows = []
     below = fallbacks = candidates = 0
@@ -69,8 +81,12 @@ def generate_run(llm, bat: BatLlama, passages, sampler: str, parameter: float | 
         seconds += out["seconds"]
         pieces = pieces_of(llm, out["tokens"], out["marks"])
         text = "".join(piece["text"] for piece in pieces)
-        row = {"passage": passage.id, "text": text.strip(), "tokens": len(out["tokens"]),
-               "eos": len(out["tokens"]) < max_tokens}
+        row = {
+            "passage": passage.id,
+            "text": text.strip(),
+            "tokens": len(out["tokens"]),
+            "eos": len(out["tokens"]) < max_tokens,
+        }
         if sampler.startswith("bat-"):
             stats = processor.stats
             below += stats.below_tau
@@ -83,8 +99,16 @@ def generate_run(llm, bat: BatLlama, passages, sampler: str, parameter: float | 
             progress(f"{sampler} seed {seed}: {index + 1}/{len(passages)} passages")
     tokens = sum(r["tokens"] for r in rows)
     return {
-        "sampler": sampler, "parameter": parameter, "seed": seed, "max_tokens": max_tokens,
-        "time_budget": time_budget, "rows": rows, "tokens": tokens, "seconds": seconds,
+        "sampler": sampler,
+        "parameter": parameter,
+        "seed": seed,
+        "max_tokens": max_tokens,
+        "time_budget": time_budget,
+        "rows": rows,
+        "tokens": tokens,
+        "seconds": seconds,
         "tokens_per_second": tokens / seconds if seconds else None,
-        "below_tau": below, "sub_tau_decisions": candidates, "fallbacks": fallbacks,
+        "below_tau": below,
+        "sub_tau_decisions": candidates,
+        "fallbacks": fallbacks,
     }

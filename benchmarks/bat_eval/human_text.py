@@ -5,6 +5,7 @@ unpacked into the user cache with `dpkg-deb -x`; nothing is installed system-wid
 /usr/share/games/fortunes is used as it is. Passages are prose fortunes of 40-200 words, split by
 words into a prefix and a human continuation, chosen with a fixed seed.
 """
+
 from __future__ import annotations
 
 import glob
@@ -19,8 +20,22 @@ from bat_core import BatError
 
 # prose collections (code, ASCII art, poetry and one-liners left out)
 COLLECTIONS = (
-    "art", "cookie", "education", "food", "humorists", "kids", "law", "love", "medicine", "people",
-    "politics", "science", "sports", "tao", "wisdom", "work",
+    "art",
+    "cookie",
+    "education",
+    "food",
+    "humorists",
+    "kids",
+    "law",
+    "love",
+    "medicine",
+    "people",
+    "politics",
+    "science",
+    "sports",
+    "tao",
+    "wisdom",
+    "work",
 )
 SYSTEM_DIR = "/usr/share/games/fortunes"
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "bat-sampling", "fortunes")
@@ -40,7 +55,11 @@ class Passage:
 def fortunes_dir(fetch: bool = False) -> str:
     """The folder of fortune files: the system's, else the unpacked copy in the user cache (fetched
     with apt-get when `fetch` is true)."""
-    for folder in (os.environ.get("BAT_FORTUNES_DIR", ""), SYSTEM_DIR, os.path.join(CACHE_DIR, "usr/share/games/fortunes")):
+    for folder in (
+        os.environ.get("BAT_FORTUNES_DIR", ""),
+        SYSTEM_DIR,
+        os.path.join(CACHE_DIR, "usr/share/games/fortunes"),
+    ):
         if folder and os.path.isfile(os.path.join(folder, "wisdom")):
             return folder
     if not fetch:
@@ -93,10 +112,13 @@ def load_passages(count: int, prefix_words: int = 16, continuation_words: int = 
             text = clean(entry)
             if is_prose(text):
                 words = text.split()
-                passages.append(Passage(
-                    f"{name}:{index}", " ".join(words[:prefix_words]),
-                    " ".join(words[prefix_words:prefix_words + continuation_words]),
-                ))
+                passages.append(
+                    Passage(
+                        f"{name}:{index}",
+                        " ".join(words[:prefix_words]),
+                        " ".join(words[prefix_words : prefix_words + continuation_words]),
+                    )
+                )
     if len(passages) < count:
         raise BatError(f"only {len(passages)} prose fortunes in {folder}, {count} asked for")
     random.Random(seed).shuffle(passages)

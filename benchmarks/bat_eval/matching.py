@@ -12,12 +12,13 @@ reject (a point of F_t) at tau is a reject at every larger tau. Each position ke
 positions whose bracket contains the new tau. A decision the core could not finish in its budget
 (fallback) counts as a reject, as it does in generation (sound), and is counted.
 """
+
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -56,7 +57,7 @@ class Positions:
     logits: dict[int, np.ndarray] = field(default_factory=dict)  # raw logits of each position
 
     @classmethod
-    def empty(cls) -> "Positions":
+    def empty(cls) -> Positions:
         z = np.zeros(0)
         return cls(z.astype(int), z.astype(int), z, z, z.astype(bool), z, z, z.astype(bool))
 
@@ -94,7 +95,7 @@ def teacher_force(llm, passages, max_positions: int, progress: Callable[[str], N
         full = llm.tokenize((passage.prefix + " " + passage.continuation).encode("utf-8"), add_bos=True)
         if full[: len(prefix)] != prefix:  # the prefix's last token merged with the continuation: split there
             prefix = prefix[:-1]
-        target = full[len(prefix): len(prefix) + max_positions]
+        target = full[len(prefix) : len(prefix) + max_positions]
         llm.reset()
         llm.eval(prefix)
         for token in target:
@@ -113,9 +114,15 @@ def teacher_force(llm, passages, max_positions: int, progress: Callable[[str], N
             progress(f"teacher forcing {index + 1}/{len(passages)} passages, {len(rows['p'])} positions")
     n = len(rows["p"])
     return Positions(
-        np.array(rows["passage"], dtype=int), np.array(rows["token"], dtype=int), np.array(rows["p"], dtype=float),
-        np.array(rows["entropy"], dtype=float), np.array(rows["is_argmax"], dtype=bool),
-        np.zeros(n), np.full(n, np.inf), np.zeros(n, dtype=bool), logits,
+        np.array(rows["passage"], dtype=int),
+        np.array(rows["token"], dtype=int),
+        np.array(rows["p"], dtype=float),
+        np.array(rows["entropy"], dtype=float),
+        np.array(rows["is_argmax"], dtype=bool),
+        np.zeros(n),
+        np.full(n, np.inf),
+        np.zeros(n, dtype=bool),
+        logits,
     )
 
 
@@ -194,8 +201,12 @@ class Matcher:
         reachable = self.share(method, top) >= target - tolerance
         fallback_share = self.shares(method, best[0])[1]
         return {
-            "method": method, "target": target, "parameter": best[0], "share": best[1],
-            "fallback_share": fallback_share, "within_tolerance": abs(best[1] - target) <= tolerance + 1 / len(self.positions),
+            "method": method,
+            "target": target,
+            "parameter": best[0],
+            "share": best[1],
+            "fallback_share": fallback_share,
+            "within_tolerance": abs(best[1] - target) <= tolerance + 1 / len(self.positions),
             "reachable": reachable,
         }
 

@@ -1,5 +1,6 @@
 """The evaluation's stages, each resumable: its JSON file is written atomically when the stage is done,
 and a re-run skips every stage whose file is there (per model, per generation run)."""
+
 from __future__ import annotations
 
 import json
@@ -44,14 +45,24 @@ class Settings:
 
 
 SMOKE = Settings(
-    models=("smollm2",), passages=4, positions=10, levels=(0.10,), generate_levels=(0.10,), seeds=(0, 1),
-    max_tokens=10, grid_points=5, kept_positions=8, kept_candidates=2, feature_model="smollm2",
-    audit_samples=2, audit_budget=1.0,
+    models=("smollm2",),
+    passages=4,
+    positions=10,
+    levels=(0.10,),
+    generate_levels=(0.10,),
+    seeds=(0, 1),
+    max_tokens=10,
+    grid_points=5,
+    kept_positions=8,
+    kept_candidates=2,
+    feature_model="smollm2",
+    audit_samples=2,
+    audit_budget=1.0,
 )
 
 
 def model_path(name: str) -> str:
-    from bat_llamacpp.models import gemma3_270m_path, smollm2_path
+    from bat_models import gemma3_270m_path, smollm2_path
 
     paths = {"smollm2": smollm2_path, "gemma3": gemma3_270m_path}
     if name not in paths:
@@ -129,19 +140,33 @@ def run_matching(out: str, name: str, settings: Settings, passages, llm, bat) ->
     matches = {}
     for level in settings.levels:
         matches[str(level)] = {m: matcher.match(m, level, settings.tolerance) for m in matching.METHODS}
-        say(f"{name}: matched {level:.0%}: " + ", ".join(
-            f"{m}={r['parameter']:.3g}" for m, r in matches[str(level)].items()))
+        say(
+            f"{name}: matched {level:.0%}: "
+            + ", ".join(f"{m}={r['parameter']:.3g}" for m, r in matches[str(level)].items())
+        )
     kept = kept_sets(bat.basis, positions, matches, settings)
     audit = audit_rejects(bat.basis, positions, matches, settings)
     result = {
-        "model": name, "positions": len(positions), "passages": len(passages),
-        "argmax_share": float(positions.is_argmax.mean()), "median_p": float(np.median(positions.p)),
-        "grids": grids, "matches": matches, "kept": kept, "audit": audit,
-        "bat_decisions": decider.decisions, "bat_fallbacks": decider.fallbacks,
-        "bat_seconds": decider.seconds, "seconds": time.perf_counter() - start,
+        "model": name,
+        "positions": len(positions),
+        "passages": len(passages),
+        "argmax_share": float(positions.is_argmax.mean()),
+        "median_p": float(np.median(positions.p)),
+        "grids": grids,
+        "matches": matches,
+        "kept": kept,
+        "audit": audit,
+        "bat_decisions": decider.decisions,
+        "bat_fallbacks": decider.fallbacks,
+        "bat_seconds": decider.seconds,
+        "seconds": time.perf_counter() - start,
         "teacher_forced": {
-            "passage": positions.passage.tolist(), "token": positions.token.tolist(), "p": positions.p.tolist(),
-            "entropy": positions.entropy.tolist(), "is_argmax": positions.is_argmax.tolist(), **positions.brackets(),
+            "passage": positions.passage.tolist(),
+            "token": positions.token.tolist(),
+            "p": positions.p.tolist(),
+            "entropy": positions.entropy.tolist(),
+            "is_argmax": positions.is_argmax.tolist(),
+            **positions.brackets(),
         },
     }
     write_json(path, result)
@@ -159,17 +184,26 @@ def kept_sets(basis: bat_core.Basis, positions: matching.Positions, matches: dic
     for method in ("bat-eta", "bat-epsilon"):
         theta = matches[level][method]["parameter"]
         sampler = bat_core.BatSampler(
-            basis, ThresholdRule(matching.rule_of(method), theta), config=bat_core.BatConfig.for_generation(settings.time_budget),
-            mask_candidates=settings.kept_candidates, mask_budget=60.0,
+            basis,
+            ThresholdRule(matching.rule_of(method), theta),
+            config=bat_core.BatConfig.for_generation(settings.time_budget),
+            mask_candidates=settings.kept_candidates,
+            mask_budget=60.0,
         )
         steps = []
         for i in rows:
             m = sampler.mask(positions.logits[int(i)])
-            steps.append({
-                "tau": m.tau, "threshold_size": int(m.mask.sum() - m.accepted_below_tau), "threshold_mass": m.threshold_mass,
-                "bat_size": int(m.mask.sum()), "bat_mass": m.mask_mass, "undecided_mass": m.undecided_mass,
-                "accepted_below_tau": m.accepted_below_tau,
-            })
+            steps.append(
+                {
+                    "tau": m.tau,
+                    "threshold_size": int(m.mask.sum() - m.accepted_below_tau),
+                    "threshold_mass": m.threshold_mass,
+                    "bat_size": int(m.mask.sum()),
+                    "bat_mass": m.mask_mass,
+                    "undecided_mass": m.undecided_mass,
+                    "accepted_below_tau": m.accepted_below_tau,
+                }
+            )
         result[method] = {"level": float(level), "parameter": theta, "steps": steps}
     return result
 
@@ -186,15 +220,28 @@ def audit_rejects(basis: bat_core.Basis, positions: matching.Positions, matches:
         theta = matches[level][method]["parameter"]
         tau = matching.tau_of(matching.rule_of(method), theta, positions.entropy)
         rejected = np.flatnonzero(positions.bat_rejects(tau))
-        sample = rejected[np.linspace(0, len(rejected) - 1, min(settings.audit_samples, len(rejected))).astype(int)] if len(rejected) else rejected
+        sample = (
+            rejected[np.linspace(0, len(rejected) - 1, min(settings.audit_samples, len(rejected))).astype(int)]
+            if len(rejected)
+            else rejected
+        )
         counts = {"accept": 0, "reject": 0, "undecided": 0}
         start = time.perf_counter()
         for i in sample:
             solver = bat_core.BatSolver(basis, bat_core.BatConfig(time_budget=settings.audit_budget))
-            decision = solver.decide(solver.new_step(positions.logits[int(i)], float(tau[i])), [int(positions.token[i])])[0]
+            decision = solver.decide(
+                solver.new_step(positions.logits[int(i)], float(tau[i])), [int(positions.token[i])]
+            )[0]
             counts["accept" if decision.accepted else "undecided" if decision.method == "fallback" else "reject"] += 1
-        result[method] = {"level": float(level), "parameter": theta, "rejects": int(len(rejected)), "sampled": int(len(sample)),
-                          "budget": settings.audit_budget, "seconds": time.perf_counter() - start, **counts}
+        result[method] = {
+            "level": float(level),
+            "parameter": theta,
+            "rejects": int(len(rejected)),
+            "sampled": int(len(sample)),
+            "budget": settings.audit_budget,
+            "seconds": time.perf_counter() - start,
+            **counts,
+        }
     return result
 
 
@@ -203,12 +250,18 @@ def run_generations(out: str, name: str, settings: Settings, passages, llm, bat,
     folder = os.path.join(out, name, "generations")
     human_path = os.path.join(folder, "human.json")
     if not os.path.isfile(human_path):
-        write_json(human_path, {"texts": generation.human_reference(llm, passages, settings.max_tokens),
-                                "passages": [p.as_dict() for p in passages]})
+        write_json(
+            human_path,
+            {
+                "texts": generation.human_reference(llm, passages, settings.max_tokens),
+                "passages": [p.as_dict() for p in passages],
+            },
+        )
     runs = []
     plan = [("untruncated", None, None)] + [
         (sampler, level, matched[str(level)][sampler]["parameter"])
-        for level in settings.generate_levels for sampler in generation.SAMPLERS[1:]
+        for level in settings.generate_levels
+        for sampler in generation.SAMPLERS[1:]
     ]
     for sampler, level, parameter in plan:
         for seed in settings.seeds:
@@ -216,12 +269,25 @@ def run_generations(out: str, name: str, settings: Settings, passages, llm, bat,
             path = os.path.join(folder, f"{tag}-seed{seed}.json")
             if not os.path.isfile(path):
                 run = generation.generate_run(
-                    llm, bat, passages, sampler, parameter, seed, settings.max_tokens, settings.time_budget,
+                    llm,
+                    bat,
+                    passages,
+                    sampler,
+                    parameter,
+                    seed,
+                    settings.max_tokens,
+                    settings.time_budget,
                 )
                 run["level"] = level
                 write_json(path, run)
-                say(f"{name}: {tag} seed {seed}: {run['tokens']} tokens, {run['tokens_per_second']:.1f} tok/s"
-                    + (f", {run['below_tau']} below tau, {run['fallbacks']} fallbacks" if sampler.startswith("bat-") else ""))
+                say(
+                    f"{name}: {tag} seed {seed}: {run['tokens']} tokens, {run['tokens_per_second']:.1f} tok/s"
+                    + (
+                        f", {run['below_tau']} below tau, {run['fallbacks']} fallbacks"
+                        if sampler.startswith("bat-")
+                        else ""
+                    )
+                )
             runs.append(read_json(path))
     return runs
 
@@ -246,7 +312,11 @@ def run_quality(out: str, name: str, settings: Settings, runs: list[dict], featu
     }
     # all seeds of a sampler against the human continuations: more samples, so more MAUVE buckets
     for key, blocks in pooled.items():
-        summary[key]["mauve_pooled"] = {"mean": quality.mauve_score(human_features, np.concatenate(blocks)), "ci95": float("nan"), "n": 1}
+        summary[key]["mauve_pooled"] = {
+            "mean": quality.mauve_score(human_features, np.concatenate(blocks)),
+            "ci95": float("nan"),
+            "n": 1,
+        }
     human_metrics = quality.text_metrics(human, [0] * len(human))
     result = {"model": name, "runs": per_run, "summary": summary, "human": human_metrics}
     write_json(os.path.join(out, name, "quality.json"), result)
@@ -263,7 +333,9 @@ def evaluate(out: str, settings: Settings) -> dict:
     write_json(os.path.join(out, "passages.json"), [p.as_dict() for p in passages])
     say(f"{len(passages)} passages from Debian's fortunes; models: {', '.join(settings.models)}")
     featurizer = quality.Featurizer(
-        model_path(settings.feature_model), os.path.join(out, "features", settings.feature_model), threads(),
+        model_path(settings.feature_model),
+        os.path.join(out, "features", settings.feature_model),
+        threads(),
     )
     results = {}
     for name in settings.models:
@@ -271,7 +343,11 @@ def evaluate(out: str, settings: Settings) -> dict:
         matched = run_matching(out, name, settings, passages, llm, bat)
         runs = run_generations(out, name, settings, passages, llm, bat, matched["matches"])
         say(f"{name}: quality (features: {settings.feature_model})")
-        results[name] = {"matching": matched, "quality": run_quality(out, name, settings, runs, featurizer), "runs": runs}
+        results[name] = {
+            "matching": matched,
+            "quality": run_quality(out, name, settings, runs, featurizer),
+            "runs": runs,
+        }
         del llm, bat
     write_report(out, settings, results)
     say(f"done: {os.path.join(out, 'report.md')}")

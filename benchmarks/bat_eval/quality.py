@@ -5,6 +5,7 @@ would be downloaded from a model hub, which is not allowed here, so features com
 installs from the package registry, run in llama.cpp's embedding mode: the final hidden states
 averaged over the text's tokens (mean pooling), L2-normalised.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -23,7 +24,7 @@ def words(text: str) -> list[str]:
 
 
 def ngrams(items: list[str], n: int) -> list[tuple[str, ...]]:
-    return [tuple(items[i:i + n]) for i in range(len(items) - n + 1)]
+    return [tuple(items[i : i + n]) for i in range(len(items) - n + 1)]
 
 
 def distinct_n(texts: list[str], n: int) -> float:
@@ -42,7 +43,9 @@ def repetition(text: str, n: int = 4) -> float:
 
 def text_metrics(texts: list[str], tokens: list[int]) -> dict[str, float]:
     return {
-        "distinct_1": distinct_n(texts, 1), "distinct_2": distinct_n(texts, 2), "distinct_3": distinct_n(texts, 3),
+        "distinct_1": distinct_n(texts, 1),
+        "distinct_2": distinct_n(texts, 2),
+        "distinct_3": distinct_n(texts, 3),
         "repetition_4": float(np.mean([repetition(t) for t in texts])) if texts else 0.0,
         "length_tokens": float(np.mean(tokens)) if tokens else 0.0,
         "length_words": float(np.mean([len(words(t)) for t in texts])) if texts else 0.0,
@@ -67,8 +70,12 @@ class Featurizer:
         import llama_cpp
 
         self.llm = llama_cpp.Llama(
-            model_path=model_path, embedding=True, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,
-            n_ctx=512, verbose=False, n_threads=threads,
+            model_path=model_path,
+            embedding=True,
+            pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,
+            n_ctx=512,
+            verbose=False,
+            n_threads=threads,
         )
         self.cache_dir = cache_dir
         os.makedirs(cache_dir, exist_ok=True)

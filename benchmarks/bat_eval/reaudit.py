@@ -7,6 +7,7 @@ measured without redoing the evaluation: it teacher-forces the model again (the 
 stored ones), takes the stored matches and BAT brackets, and writes <folder>/<model>/audit_rerun.json
 beside the stored audit.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,13 @@ def reaudit(folder: str, name: str) -> dict:
         if not os.path.isfile(path):
             raise BatError(f"{path} not found: run python -m bat_eval --out {folder} first")
     stored = read_json(settings_path)
-    settings = Settings(**{f.name: tuple(stored[f.name]) if isinstance(stored[f.name], list) else stored[f.name]
-                           for f in dataclasses.fields(Settings) if f.name in stored})
+    settings = Settings(
+        **{
+            f.name: tuple(stored[f.name]) if isinstance(stored[f.name], list) else stored[f.name]
+            for f in dataclasses.fields(Settings)
+            if f.name in stored
+        }
+    )
     result = read_json(matching_path)
     passages = human_text.load_passages(settings.passages, settings.prefix_words)
     llm, bat = load_model(name)
@@ -44,13 +50,20 @@ def reaudit(folder: str, name: str) -> dict:
     positions.fallback = np.array(forced["fallback"], dtype=bool)
     start = time.perf_counter()
     audit = audit_rejects(bat.basis, positions, result["matches"], settings)
-    report = {"model": name, "stored": result["audit"], "rerun": audit, "seconds": time.perf_counter() - start,
-              "date": time.strftime("%Y-%m-%d %H:%M")}
+    report = {
+        "model": name,
+        "stored": result["audit"],
+        "rerun": audit,
+        "seconds": time.perf_counter() - start,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
     write_json(os.path.join(folder, name, "audit_rerun.json"), report)
     for method, a in audit.items():
         old = result["audit"].get(method, {})
-        say(f"{name} {method}: exact accept {a['accept']}, exact reject {a['reject']}, undecided {a['undecided']}"
-            f" of {a['sampled']} (stored: {old.get('accept')} / {old.get('reject')} / {old.get('undecided')})")
+        say(
+            f"{name} {method}: exact accept {a['accept']}, exact reject {a['reject']}, undecided {a['undecided']}"
+            f" of {a['sampled']} (stored: {old.get('accept')} / {old.get('reject')} / {old.get('undecided')})"
+        )
     return report
 
 

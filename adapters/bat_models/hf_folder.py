@@ -1,11 +1,12 @@
 """A local Hugging Face folder for vLLM, made from the registry's SmolLM2-135M GGUF (no hub access).
 
-    python -m bat_vllm.hf_model            # prints the folder; builds it on first use
+    python -m bat_models                   # prints the folder; builds it on first use
 
 transformers reads the GGUF (dequantizing every tensor and rebuilding the tokenizer) and writes
 float32 safetensors plus the tokenizer and config. The folder is cached under
-$BAT_CACHE (default ~/.cache/bat-sampling) and rebuilt when the GGUF changes.
+bat_core's cache root ($BAT_CACHE, default ~/.cache/bat-sampling) and rebuilt when the GGUF changes.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -14,22 +15,19 @@ import os
 import sys
 
 from bat_core import BatError
+from bat_core.paths import cache_root
+
+from .registry import smollm2_path
 
 VERSION = 1
 
 
-def cache_root() -> str:
-    return os.environ.get("BAT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "bat-sampling"))
-
-
 def smollm2_hf_folder(quiet: bool = False) -> str:
     """The folder (built once, then reused): config.json, model.safetensors, tokenizer files."""
-    from bat_llamacpp.models import smollm2_path
-
     gguf_path = smollm2_path()
     info = os.stat(gguf_path)
     stamp = hashlib.sha256(f"{gguf_path}:{info.st_size}:{info.st_mtime_ns}:{VERSION}".encode()).hexdigest()[:16]
-    folder = os.path.join(cache_root(), f"smollm2-135m-instruct-hf-{stamp}")
+    folder = os.path.join(str(cache_root()), f"smollm2-135m-instruct-hf-{stamp}")
     if os.path.isfile(os.path.join(folder, "bat-source.json")):
         return folder
     try:
@@ -61,7 +59,3 @@ def smollm2_hf_folder(quiet: bool = False) -> str:
         json.dump({"gguf": gguf_path, "size": info.st_size, "mtime_ns": info.st_mtime_ns}, handle)
     os.replace(partial, folder)  # complete folders only: an interrupted build is redone
     return folder
-
-
-if __name__ == "__main__":
-    print(smollm2_hf_folder())

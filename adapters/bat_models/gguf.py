@@ -1,4 +1,5 @@
-"""Read the output matrix W (and bias, soft-cap) from a GGUF file, dequantized once to float32."""
+"""The output layer of a GGUF file: W (and bias, soft-cap) dequantized to float32, as llama.cpp multiplies with it."""
+
 from __future__ import annotations
 
 import os
@@ -10,16 +11,18 @@ from bat_core import BatError
 
 
 @dataclass
-class GGUFOutputLayer:
+class OutputLayer:
+    """What BAT needs of a model: logits = softcap * tanh((W h + bias) / softcap), or W h + bias."""
+
     W: np.ndarray  # float32 [vocab, hidden]
     bias: np.ndarray | None
     softcap: float | None
     tensor_name: str
-    quantization: str
+    quantization: str  # GGUF type or safetensors dtype
     architecture: str
 
 
-def read_output_layer(path: str) -> GGUFOutputLayer:
+def read_gguf_output_layer(path: str) -> OutputLayer:
     """W as the engine multiplies with it: `output.weight`, or `token_embd.weight` for tied models."""
     try:
         from gguf import GGUFReader
@@ -60,4 +63,4 @@ def read_output_layer(path: str) -> GGUFOutputLayer:
     if cap_field is not None:
         value = float(cap_field.contents())
         softcap = value if value > 0 else None
-    return GGUFOutputLayer(W, bias, softcap, name, tensor.tensor_type.name, arch)
+    return OutputLayer(W, bias, softcap, name, tensor.tensor_type.name, arch)

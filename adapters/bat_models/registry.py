@@ -1,4 +1,5 @@
 """Models that install from the package registry (no download at run time)."""
+
 from __future__ import annotations
 
 import importlib.util

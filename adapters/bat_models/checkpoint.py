@@ -1,20 +1,26 @@
-"""W of the checkpoint a vLLM engine loaded, read once per process (vLLM gives processors no handle to the model)."""
+"""W of the model an engine loaded, read from its file or folder once per process: a GGUF file, or a local
+safetensors checkpoint (sharded or not). Engines give logits processors no handle to the weights."""
+
 from __future__ import annotations
 
 import json
-import math
 import os
 import threading
-from typing import Any
 
 import numpy as np
 
 import bat_core
 from bat_core import BatError
 
-OUTPUT_TENSORS = ("lm_head.weight", "model.embed_tokens.weight")
-_bases: dict[tuple[str, float | None], bat_core.Basis] = {}
+from .gguf import OutputLayer, read_gguf_output_layer
+
+OUTPUT_TENSORS = ("lm_head.weight", "model.embed_tokens.weight")  # the second where the embedding is tied
+_bases: dict[tuple, bat_core.Basis] = {}
 _bases_lock = threading.Lock()
+
+
+def _is_gguf(model: str) -> bool:
+    return os.path.isfile(model) and model.endswith(".gguf")
 
 
 def _tensor_files(model: str) -> dict[str, str]:
@@ -48,7 +54,7 @@ def _output_tensor(model: str) -> tuple[str, str]:
 
 def check_model(model: str, vocab_size: int) -> None:
     """What can be checked without reading W (headers only): where W is, and its number of rows."""
-    if os.path.isfile(model) and model.endswith(".gguf"):
+    if _is_gguf(model):
         return
     from safetensors import safe_open
 
@@ -56,44 +62,40 @@ def check_model(model: str, vocab_size: int) -> None:
     with safe_open(path, framework="pt") as handle:
         rows = handle.get_slice(name).get_shape()[0]
     if rows != vocab_size:
-        raise BatError(f"vocabulary mismatch: the output matrix of {model} has {rows} rows, the engine's "
-                       f"vocabulary {vocab_size}")
+        raise BatError(
+            f"vocabulary mismatch: the output matrix of {model} has {rows} rows, the engine's vocabulary {vocab_size}"
+        )
 
 
-def read_output_matrix(model: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """W (and bias) as the engine loaded it, from the local checkpoint folder (safetensors) or a GGUF file."""
-    if os.path.isfile(model) and model.endswith(".gguf"):
-        from bat_llamacpp.gguf_weights import read_output_layer
-
-        layer = read_output_layer(model)
-        return layer.W, layer.bias
+def output_layer(model: str) -> OutputLayer:
+    """W (and bias) as the engine loaded it, from a GGUF file or a local safetensors folder. A GGUF file
+    carries its soft-cap; a folder's is in its config, which the engine reads (softcap None here)."""
+    if _is_gguf(model):
+        return read_gguf_output_layer(model)
     from safetensors import safe_open
 
     name, path = _output_tensor(model)
     with safe_open(path, framework="pt") as handle:
-        W = handle.get_tensor(name).float().numpy()
+        tensor = handle.get_tensor(name)
+        W = tensor.float().numpy()
         bias_name = name.replace(".weight", ".bias")
         bias = handle.get_tensor(bias_name).float().numpy() if bias_name in handle.keys() else None
-    return W, bias
-
-
-def softcap_of(model_config: Any) -> float | None:
-    """The final-logit soft-cap c of the model's config (Gemma 2 style: logits = c tanh(u / c)), or None."""
-    for config in (getattr(model_config, "hf_text_config", None), getattr(model_config, "hf_config", None)):
-        cap = getattr(config, "final_logit_softcapping", None) if config is not None else None
-        if cap:
-            cap = float(cap)
-            if not (math.isfinite(cap) and cap > 0):
-                raise BatError(f"final_logit_softcapping={cap!r} in the model's config is not a positive number")
-            return cap
-    return None
+    return OutputLayer(
+        np.ascontiguousarray(W), bias, None, name, str(tensor.dtype).removeprefix("torch."), "safetensors"
+    )
 
 
 def basis_for(model: str, softcap: float | None = None) -> bat_core.Basis:
-    """One Basis per checkpoint and process (vLLM may build the processor twice: entry point and argument)."""
-    key = (os.path.realpath(model), softcap)
+    """One Basis per model file or folder and process, shared by every request (and by processors an engine
+    builds twice). `softcap`: the engine's config value; a GGUF file's own is used where it is None."""
+    try:
+        info = os.stat(model)
+    except OSError as exc:
+        raise BatError(f"model file not found: {model}") from exc
+    key = (os.path.realpath(model), info.st_size, info.st_mtime_ns, softcap)
     with _bases_lock:
         if key not in _bases:
-            W, bias = read_output_matrix(model)
-            _bases[key] = bat_core.Basis(W, bias=bias, softcap=softcap)
+            layer = output_layer(model)
+            cap = softcap if softcap is not None else layer.softcap
+            _bases[key] = bat_core.Basis(layer.W, bias=layer.bias, softcap=cap)
         return _bases[key]
