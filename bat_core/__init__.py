@@ -11,10 +11,11 @@ import numpy as np
 
 from .basis import Basis
 from .config import GENERATION_TIME_BUDGET, BatConfig
+from .decisions import AcceptCertificate, BatStats, Decision, RejectCertificate
 from .errors import BatError
 from .reference import ReferenceDecision, reference_decide
 from .sampler import BatSampler, MaskResult, SampleResult
-from .solver import AcceptCertificate, BatSolver, BatStats, Decision, RejectCertificate
+from .solver import BatSolver
 from .threads import limit_blas_threads, set_matvec_threads
 from .thresholds import ThresholdRule, entropy, eta_threshold, rule_from, truncate_mask
 

@@ -24,14 +24,12 @@ Both y and -y are tried (the sign of a dual ray is a convention of the solver th
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import q8
-from .basis import Basis
-from .thresholds import ThresholdRule
+from .distribution import Distribution
 
 U32 = 2.0**-24
 U64 = 2.0**-53
@@ -48,31 +46,6 @@ def float32_gamma(d: int) -> float:
 
 def rho(t: np.ndarray, tprime: float) -> np.ndarray:
     return np.where(t > 0, tprime * t, -t)
-
-
-def _sample_threshold(p: np.ndarray, count: int) -> float:
-    """A value that about `count` entries of p reach, read off a strided sample of 4096 of them: one
-    partition of the sample instead of one of p (which took 0.6 ms on v = 49,152)."""
-    sample = p[:: max(1, len(p) // 4096)]
-    above = min(len(sample), max(1, int(np.ceil(count * len(sample) / len(p)))))
-    return float(np.partition(sample, len(sample) - above)[len(sample) - above])
-
-
-def most_probable(p: np.ndarray, k: int) -> np.ndarray:
-    """The k most probable tokens (unordered), as argpartition(-p, k - 1)[:k]: the partition runs over the
-    tokens at or above a sample threshold set with a margin, lowered until they are at least k."""
-    if k >= len(p):
-        return np.arange(len(p))
-    want = k
-    while True:
-        want = int(1.5 * want) + 64  # the sample's rank error at k = 1024 of 49,152 is about 10%
-        if want >= len(p):
-            pool = np.arange(len(p))
-            break
-        pool = np.flatnonzero(p >= _sample_threshold(p, want))
-        if len(pool) >= k:
-            break
-    return pool[np.argpartition(-p[pool], k - 1)[:k]]
 
 
 def _rho_upper(lo: np.ndarray, hi: np.ndarray, tprime: float) -> np.ndarray:
@@ -93,101 +66,9 @@ def _interval_sums(
     return float(weight @ _rho_upper(lo, hi, tprime)), float(weight @ _rho_upper(-hi, -lo, tprime))
 
 
-@dataclass
-class Step:
-    """One next-token distribution and what every decision on it shares."""
-
-    basis: Basis
-    p: np.ndarray  # float64 probabilities, length v
-    tau: float
-    scale: np.ndarray | None  # soft-cap row scale s_j, or None
-    head_size: int = 1024
-    tprime: float = field(init=False)
-    lipschitz: float = field(init=False)
-    vocabulary_products: int = field(default=0, init=False)  # full_value checks that made a product over the vocabulary
-
-    def __post_init__(self) -> None:
-        self.tprime = self.tau / (1.0 - self.tau)
-        self.lipschitz = max(self.tprime, 1.0)
-
-    @functools.cached_property
-    def weight_sq_total(self) -> float:
-        weights = self.p if self.scale is None else self.p * self.scale
-        return float(weights @ weights)
-
-    @functools.cached_property
-    def p_total(self) -> float:
-        return float(self.p.sum())
-
-    @classmethod
-    def build(cls, basis: Basis, logits, tau, head_size: int = 1024) -> Step:
-        """`tau` is a number, a ThresholdRule, or a callable that computes it from the probabilities."""
-        z = basis.checked_logits(logits)
-        if isinstance(tau, ThresholdRule):
-            p, tau = tau.probabilities_and_tau(z)
-        else:
-            p = np.exp(z - z.max())
-            p /= p.sum()
-            if callable(tau):
-                tau = tau(p)
-        return cls(basis, p, float(tau), basis.row_scale(z), head_size)
-
-    @functools.cached_property
-    def head(self) -> np.ndarray:
-        """The `head_size` most probable tokens, most probable first (built on first use: most steps
-        end at the threshold shortcut and never need it)."""
-        head = most_probable(self.p, min(self.head_size, len(self.p)))
-        return head[np.argsort(-self.p[head], kind="stable")]
-
-    @functools.cached_property
-    def head_sorted(self) -> np.ndarray:
-        """The head's token ids in increasing order."""
-        return np.sort(self.head)
-
-    @functools.cached_property
-    def argmax(self) -> int:
-        return int(np.argmax(self.p))
-
-    def scale_of(self, tokens: np.ndarray) -> np.ndarray:
-        return np.ones(len(tokens)) if self.scale is None else self.scale[tokens]
-
-    def tolerance_scale(self, tokens: np.ndarray) -> np.ndarray:
-        """||a_i||_1 for each token: the unit in which the solver tolerance is measured."""
-        return self.scale_of(tokens) * self.basis.row_norm_l1[tokens] + 1.0
-
-    # ------------------------------------------------------------------ products with bounds
-    def rows(self, tokens: np.ndarray) -> np.ndarray:
-        """Rows of W as float64; the last gather is kept (a decision reads the same head rows several times)."""
-        cached = self.__dict__.get("_rows")
-        if cached is not None and len(cached[0]) == len(tokens) and np.array_equal(cached[0], tokens):
-            return cached[1]
-        rows = self.basis.rows(tokens)
-        self.__dict__["_rows"] = (np.array(tokens, copy=True), rows)
-        return rows
-
-    def augmented_rows(self, tokens: np.ndarray) -> np.ndarray:
-        """Rows a_j = (s_j w_j, 1) of [W, 1] in float64: the columns of the LPs and least-squares systems."""
-        rows = self.basis.rows(tokens) * self.scale_of(tokens)[:, None]
-        return np.hstack([rows, np.ones((len(tokens), 1))])
-
-    def exact_set(self, token: int) -> np.ndarray:
-        """The head with `token` added, sorted: the tokens whose products a decision on `token` computes
-        exactly (the last one is kept: one decision asks for it several times)."""
-        cached = self.__dict__.get("_exact_set")
-        if cached is not None and cached[0] == token:
-            return cached[1]
-        head = self.head_sorted
-        pos = int(np.searchsorted(head, token))
-        exact = head if pos < len(head) and head[pos] == token else np.insert(head, pos, token)
-        self.__dict__["_exact_set"] = (token, exact)
-        return exact
-
-    def head_products(self, tokens: np.ndarray, Y: np.ndarray) -> np.ndarray:
-        """u = W y_w on `tokens` in float64 (unscaled): what the methods below accept as `u` so that
-        one decision computes it once for all its certificate candidates (the products of -y are -u)."""
-        if self.basis.rows_product_native:
-            return self.basis.rows_product(tokens, Y[: self.basis.hidden_size])
-        return self.rows(tokens) @ Y[: self.basis.hidden_size]
+class HeadBounds(Distribution):
+    """Bounds of a certificate's value that make no product over the vocabulary: exact float64 products on
+    the head and the candidates, and a Lipschitz and Cauchy-Schwarz bound of the rest from the Gram matrix."""
 
     def exact_products(
         self, tokens: np.ndarray, Y: np.ndarray, u: np.ndarray | None = None
@@ -208,56 +89,6 @@ class Step:
         err = (d + 3) * U64 * (s * self.basis.row_norm[tokens][:, None]) * yw_norm + 4 * U64 * np.abs(c)
         return c, err, u
 
-    def full_products(self, Y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(c, err) over the whole vocabulary from one float32 product, with a rigorous error bound."""
-        d = self.basis.hidden_size
-        Y32 = np.asarray(Y[:d], dtype=np.float32)
-        if Y.shape[1] <= 4:  # OpenBLAS's sgemm with a few columns is slower than the matching sgemv calls
-            u = np.column_stack([self.basis.matvec(Y32[:, m]) for m in range(Y.shape[1])])
-        else:
-            u = self.basis.W @ np.ascontiguousarray(Y32)
-        s = np.ones(self.basis.vocab_size) if self.scale is None else self.scale
-        c = s[:, None] * u + Y[d]
-        gamma = float32_gamma(d)
-        yw_norm = np.linalg.norm(Y[:d], axis=0)
-        err = gamma * (s * self.basis.row_norm)[:, None] * yw_norm + 4 * U64 * np.abs(c)
-        return c, err
-
-    # ------------------------------------------------------------------ certificate search
-    def with_best_offsets(self, Y: np.ndarray, token: int, u: np.ndarray | None = None) -> np.ndarray:
-        """Columns +-y with the constant component y_0 re-chosen to maximize `token`'s value on the
-        head (the tail is left to the bounds).
-
-        value(y0) = p_i (u_i + y0) - sum_j p_j rho(u_j + y0) is concave in y0 with slope
-        p_i - tau' M+(y0) + M-(y0) (M-: mass with c_j < 0): positive c_j cost only tau' per unit, so
-        the best y0 lets a mass of about tau - p_i fall below zero. A least-squares direction centres
-        c on zero instead; re-choosing y0 turned 4 of 40 real SmolLM2 candidates into 26 of 40."""
-        d = self.basis.hidden_size
-        exact = self.exact_set(token)
-        pos = int(np.searchsorted(exact, token))
-        u = self.head_products(exact, Y) if u is None else u
-        if self.scale is not None:
-            u = u * self.scale[exact][:, None]
-        q = self.p[exact].copy()
-        p_i, q[pos] = q[pos], 0.0
-        total = q.sum()
-        # the slope is nonnegative once the mass below y0's crossing reaches (tau' total - p_i) / (1 + tau'):
-        # a weighted quantile of u, from below for +y and from above for -y
-        target = (self.tprime * total - p_i) / (1.0 + self.tprime)
-        order = np.argsort(u, axis=0)
-        u_sorted = np.take_along_axis(u, order, axis=0)
-        mass = q[order]
-        cum = np.cumsum(mass, axis=0)
-        columns = np.arange(Y.shape[1])
-        first_plus = np.argmax(cum - mass >= target, axis=0)  # the smallest u_j with that much mass below it
-        count = np.count_nonzero(total - cum >= target, axis=0)  # mass above is nonincreasing: a prefix
-        last_minus = np.where(count > 0, count - 1, len(exact) - 1)  # the largest u_j with that much above
-        out = np.hstack([Y, -Y])
-        out[d, : Y.shape[1]] = -u_sorted[first_plus, columns]
-        out[d, Y.shape[1] :] = u_sorted[last_minus, columns]
-        return out
-
-    # ------------------------------------------------------------------ values
     def candidate_values(
         self, Y: np.ndarray, candidates: np.ndarray, exact_tokens: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -288,18 +119,6 @@ class Step:
         scale = p_cand * np.abs(Y).max(axis=0)[:, None]
         return lower / scale, optimistic / scale
 
-    def full_candidate_values(
-        self, Y: np.ndarray, candidates: np.ndarray, exact_tokens: np.ndarray | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Like candidate_values, with one float32 product over the whole vocabulary for the tail.
-
-        Returns (values [m, n], c [v, m]) where c is the product used (for column generation)."""
-        exact = self.head if exact_tokens is None else exact_tokens
-        exact = np.unique(np.concatenate([exact, candidates]))
-        c, err, _ = self.exact_products(exact, Y)
-        values, c_full = self.all_values(Y, exact, c, err, return_products=True)
-        return values[:, candidates], c_full
-
     def head_values(self, Y: np.ndarray, token: int, u: np.ndarray | None = None) -> np.ndarray:
         """value(+-y, token) counting only the head and the token (no rounding bounds): an upper
         estimate that ranks certificate candidates before any product over the vocabulary."""
@@ -315,6 +134,64 @@ class Step:
             value = p[pos] * sign * c[pos] - (cost.sum(axis=0) - cost[pos])
             best = np.maximum(best, value)
         return best / (self.p[token] * np.abs(Y).max(axis=0))
+
+    def _outside_energy(self, Y: np.ndarray, exact: np.ndarray, u_exact: np.ndarray) -> np.ndarray:
+        """Upper bounds of sum_{j not in exact} u_j^2 (u = W y_w), per certificate: y_w' G y_w less the exact
+        tokens' part, plus the float64 rounding of y'Gy, of G itself and of the exact products' squares
+        (Basis._derive)."""
+        d = self.basis.hidden_size
+        yw = Y[:d]
+        total_energy = np.einsum("km,km->m", yw, self.basis.gram[:d, :d] @ yw)
+        terms = self.basis.gram_terms + 2 * d + len(exact) + 8
+        scale = 1e-9 * self.basis.abs_gram_bound + 4 * terms * U64 * self.basis.gram_trace
+        slack = scale * np.einsum("km,km->m", yw, yw) + 1e-300
+        return np.maximum(total_energy - (u_exact * u_exact).sum(axis=0), 0.0) + slack
+
+    def _tail_bound(self, Y: np.ndarray, exact: np.ndarray, u_exact: np.ndarray) -> tuple[float, np.ndarray]:
+        """(mass, spread): sum_{j not in exact} p_j rho(sign * c_j) <= rho(sign * y0) * mass + spread, per
+        certificate, without touching the tail (the same for both signs).
+
+        rho is Lipschitz (constant L = max(tau', 1)), so rho(s_j u_j + y0) <= rho(y0) + L |s_j u_j|, and
+        Cauchy-Schwarz gives sum p_j s_j |u_j| <= sqrt(sum (p_j s_j)^2) sqrt(sum u_j^2), where the tail's
+        sum of u_j^2 is y_w' G y_w minus the exact tokens' part (G = W'W in float64)."""
+        return self._lipschitz_tail(exact, self._outside_energy(Y, exact, u_exact))
+
+    def _lipschitz_tail(self, exact: np.ndarray, tail_energy: np.ndarray) -> tuple[float, np.ndarray]:
+        """_tail_bound's (mass, spread) from the tail's energy bound."""
+        weights = self.p[exact] * self.scale_of(exact)
+        slack = self.tail_sum_slack(len(exact))
+        tail_weight_sq = max(self.weight_sq_total - float(weights @ weights), 0.0) + slack * self.weight_sq_total
+        tail_mass = max(self.p_total - float(self.p[exact].sum()), 0.0) + slack * self.p_total
+        return tail_mass, self.lipschitz * np.sqrt(tail_weight_sq * tail_energy)
+
+    def tail_sum_slack(self, kept: int) -> float:
+        """Relative slack of a tail sum taken as (sum over the vocabulary) - (sum over `kept` tokens): each
+        float64 sum of n terms (products p_j s_j, squares) is within gamma_(n+1) <= 2 (n+1) u of exact for any
+        summation order, and the difference adds one rounding; 4 (v + kept) u covers the three."""
+        return 4 * (self.basis.vocab_size + kept) * U64
+
+
+@dataclass(eq=False)
+class Step(HeadBounds):
+    """One step's distribution with every bound a decision uses, the last ones with one float32 product over
+    the vocabulary and its rigorous rounding bound."""
+
+    vocabulary_products: int = field(default=0, init=False)  # full_value checks that made a product over the vocabulary
+
+    def full_products(self, Y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(c, err) over the whole vocabulary from one float32 product, with a rigorous error bound."""
+        d = self.basis.hidden_size
+        Y32 = np.asarray(Y[:d], dtype=np.float32)
+        if Y.shape[1] <= 4:  # OpenBLAS's sgemm with a few columns is slower than the matching sgemv calls
+            u = np.column_stack([self.basis.matvec(Y32[:, m]) for m in range(Y.shape[1])])
+        else:
+            u = self.basis.W @ np.ascontiguousarray(Y32)
+        s = np.ones(self.basis.vocab_size) if self.scale is None else self.scale
+        c = s[:, None] * u + Y[d]
+        gamma = float32_gamma(d)
+        yw_norm = np.linalg.norm(Y[:d], axis=0)
+        err = gamma * (s * self.basis.row_norm)[:, None] * yw_norm + 4 * U64 * np.abs(c)
+        return c, err
 
     def full_value(
         self,
@@ -375,40 +252,17 @@ class Step:
             return compiled
         return _interval_sums(u32.astype(np.float64), weight, self.basis.row_norm, self.scale, y0, g, self.tprime)
 
-    def _outside_energy(self, Y: np.ndarray, exact: np.ndarray, u_exact: np.ndarray) -> np.ndarray:
-        """Upper bounds of sum_{j not in exact} u_j^2 (u = W y_w), per certificate: y_w' G y_w less the exact
-        tokens' part, plus the float64 rounding of y'Gy, of G itself and of the exact products' squares
-        (Basis._derive)."""
-        d = self.basis.hidden_size
-        yw = Y[:d]
-        total_energy = np.einsum("km,km->m", yw, self.basis.gram[:d, :d] @ yw)
-        terms = self.basis.gram_terms + 2 * d + len(exact) + 8
-        scale = 1e-9 * self.basis.abs_gram_bound + 4 * terms * U64 * self.basis.gram_trace
-        slack = scale * np.einsum("km,km->m", yw, yw) + 1e-300
-        return np.maximum(total_energy - (u_exact * u_exact).sum(axis=0), 0.0) + slack
+    def full_candidate_values(
+        self, Y: np.ndarray, candidates: np.ndarray, exact_tokens: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Like candidate_values, with one float32 product over the whole vocabulary for the tail.
 
-    def _tail_bound(self, Y: np.ndarray, exact: np.ndarray, u_exact: np.ndarray) -> tuple[float, np.ndarray]:
-        """(mass, spread): sum_{j not in exact} p_j rho(sign * c_j) <= rho(sign * y0) * mass + spread, per
-        certificate, without touching the tail (the same for both signs).
-
-        rho is Lipschitz (constant L = max(tau', 1)), so rho(s_j u_j + y0) <= rho(y0) + L |s_j u_j|, and
-        Cauchy-Schwarz gives sum p_j s_j |u_j| <= sqrt(sum (p_j s_j)^2) sqrt(sum u_j^2), where the tail's
-        sum of u_j^2 is y_w' G y_w minus the exact tokens' part (G = W'W in float64)."""
-        return self._lipschitz_tail(exact, self._outside_energy(Y, exact, u_exact))
-
-    def _lipschitz_tail(self, exact: np.ndarray, tail_energy: np.ndarray) -> tuple[float, np.ndarray]:
-        """_tail_bound's (mass, spread) from the tail's energy bound."""
-        weights = self.p[exact] * self.scale_of(exact)
-        slack = self.tail_sum_slack(len(exact))
-        tail_weight_sq = max(self.weight_sq_total - float(weights @ weights), 0.0) + slack * self.weight_sq_total
-        tail_mass = max(self.p_total - float(self.p[exact].sum()), 0.0) + slack * self.p_total
-        return tail_mass, self.lipschitz * np.sqrt(tail_weight_sq * tail_energy)
-
-    def tail_sum_slack(self, kept: int) -> float:
-        """Relative slack of a tail sum taken as (sum over the vocabulary) - (sum over `kept` tokens): each
-        float64 sum of n terms (products p_j s_j, squares) is within gamma_(n+1) <= 2 (n+1) u of exact for any
-        summation order, and the difference adds one rounding; 4 (v + kept) u covers the three."""
-        return 4 * (self.basis.vocab_size + kept) * U64
+        Returns (values [m, n], c [v, m]) where c is the product used (for column generation)."""
+        exact = self.head if exact_tokens is None else exact_tokens
+        exact = np.unique(np.concatenate([exact, candidates]))
+        c, err, _ = self.exact_products(exact, Y)
+        values, c_full = self.all_values(Y, exact, c, err, return_products=True)
+        return values[:, candidates], c_full
 
     def all_values(
         self,

@@ -17,7 +17,7 @@ sum_{j != i} p_j rho(c_j) < p_i. Iteratively reweighted least squares writes tha
 sum_j v_j c_j^2 with v_j = p_j slope(c_j) / |c_j| and re-solves H y = a_i (H = sum v_j a_j a_j'),
 while the tokens outside K that the current y charges most (p_j rho(c_j), from one float32 product
 over the vocabulary) join K: column generation, as in the exact LP, on a least-squares surrogate.
-Each iterate, with its constant component re-chosen (Step.with_best_offsets), is only a candidate
+Each iterate, with its constant component re-chosen (search.with_best_offsets), is only a candidate
 until certify.py proves it over the whole vocabulary. On 35 real SmolLM2 candidates that the exact
 path left undecided at 2 s (hard accepts: the exact LP needs 6-15 s), 20 iterations proved 29.
 
@@ -32,6 +32,7 @@ import time
 import numpy as np
 
 from .certify import U64, Step, rho
+from .search import with_best_offsets
 
 
 def weighted_gram(A: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -160,7 +161,7 @@ class RegressionSearch:
         # one product over the vocabulary per iterate: it proves (the candidates are +y and -y with other
         # constants, so -u32 is the product of -y) and it picks the tokens that join the set
         u32 = None
-        candidates = step.with_best_offsets(y[:, None], self.token)  # columns +y, -y
+        candidates = with_best_offsets(step, y[:, None], self.token)  # columns +y, -y
         ranking = step.head_values(candidates, self.token)
         best = int(np.argmax(ranking))
         if ranking[best] > self.limit:  # the tail only lowers the value: otherwise no product can prove it

@@ -27,7 +27,10 @@ from dataclasses import dataclass
 import highspy
 import numpy as np
 
+from .basis import Basis
 from .certify import Step, rho
+from .config import BatConfig
+from .decisions import AcceptCertificate, BatStats, Clock, Decision, RejectCertificate
 from .highs import new_highs
 
 
@@ -210,3 +213,87 @@ class RequestLP:
     def _full_check(step: Step, y: np.ndarray, cand: np.ndarray, working: np.ndarray) -> tuple[float, np.ndarray]:
         values, c = step.full_candidate_values(y, cand, exact_tokens=np.union1d(working, step.head))
         return float(values[0, 0]), c[:, 0]
+
+
+class LinearPrograms:
+    """A request's LP stages under its work budget (`lp_iterations` dual simplex iterations per candidate over
+    all its LPs): the L1 LPs reduced to the top singular directions of W (a relaxation: only their accept
+    certificates count), and the exact restricted LP. One warm HiGHS model each, kept across steps."""
+
+    def __init__(self, basis: Basis, config: BatConfig, stats: BatStats, clock: Clock, certificates) -> None:
+        self.basis, self.config, self.stats, self.clock = basis, config, stats, clock
+        self.certificates = certificates  # search.CertificateSearch: accepts are remembered there
+        self.step_id = 0  # the caller's step counter: a model's columns are rebuilt when it changes
+        self._exact: RequestLP | None = None
+        self._reduced: dict[int, RequestLP] = {}
+
+    def reduced_accepts(
+        self, step: Step, pending: np.ndarray, k: int, iterations_left: dict[int, int]
+    ) -> np.ndarray | None:
+        """Accept certificates of the L1 LP reduced to the top-k singular directions of W (column generation
+        included), mapped back to R^(d+1); None when it proves nothing. Spends from `iterations_left`."""
+        cfg = self.config
+        reduced = self.basis.reduced_cached(k)
+        small = Step(reduced, step.p, step.tau, step.scale, step.head_size)
+        small.head = step.head  # same distribution, same head
+        if k not in self._reduced:
+            self._reduced[k] = RequestLP(reduced.hidden_size, max_columns=4 * cfg.search_columns)
+        lp = self._reduced[k]
+        directions = self.basis.singular_directions(k)
+        columns = []
+        for t in (int(t) for t in pending):
+            if not self.clock.left():
+                break
+            if iterations_left[t] <= 0:
+                continue
+            outcome = lp.solve(
+                small,
+                self.step_id,
+                t,
+                step.head[: cfg.search_columns],
+                cfg.tol,
+                self.clock.deadline,
+                max_rounds=cfg.search_rounds,
+                iterations=iterations_left[t],
+            )
+            iterations_left[t] -= outcome.iterations
+            self.stats.lp_solves += outcome.solves
+            self.stats.lp_iterations += outcome.iterations
+            if outcome.accepted:
+                columns.append(np.append(directions @ outcome.y[:k], outcome.y[k]))
+        return np.column_stack(columns) if columns else None
+
+    def exact(self, step: Step, token: int, iterations_left: dict[int, int]) -> Decision:
+        """The exact restricted LP's answer for `token`, with its certificate, or a counted fallback."""
+        cfg = self.config
+        if not self.clock.left():
+            return self.stats.fallback(token, "time budget")
+        if iterations_left[token] <= 0:
+            return self.stats.fallback(token, "work budget")
+        if self._exact is None:
+            self._exact = RequestLP(self.basis.hidden_size, max_columns=max(4096, 4 * cfg.lp_columns))
+        outcome = self._exact.solve(
+            step,
+            self.step_id,
+            token,
+            step.head[: cfg.lp_columns],
+            cfg.tol,
+            self.clock.deadline,
+            max_rounds=cfg.lp_max_rounds,
+            grow=cfg.lp_grow,
+            iterations=iterations_left[token],
+        )
+        self.stats.lp_solves += outcome.solves
+        self.stats.lp_rounds += outcome.rounds
+        self.stats.lp_iterations += outcome.iterations
+        if outcome.accepted is True:
+            self.certificates.remember(outcome.y)
+            self.stats.accepted_by("lp")
+            return Decision(token, True, "lp", AcceptCertificate(token, outcome.y, outcome.value))
+        if outcome.accepted is False:
+            tokens, x = outcome.point
+            p_i = step.p[token]
+            a_norm = float(step.tolerance_scale(np.array([token]))[0])
+            support, q = np.append(tokens, token), np.append(x * p_i, -p_i)
+            return Decision(token, False, "lp", RejectCertificate(token, support, q, outcome.residual * a_norm * p_i))
+        return self.stats.fallback(token, outcome.reason or "unknown")

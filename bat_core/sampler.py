@@ -28,8 +28,9 @@ import numpy as np
 
 from .basis import Basis
 from .config import BatConfig
+from .decisions import Decision
 from .errors import BatError
-from .solver import BatSolver, Decision
+from .solver import BatSolver
 from .thresholds import ThresholdRule
 
 MODES = ("sample", "mask")

@@ -41,7 +41,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--eps", type=float, default=0.0009)
-    parser.add_argument("--out", default="bench_hf.json")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "hf_smollm2.json"))
     args = parser.parse_args()
 
     import torch
@@ -101,6 +101,7 @@ def main() -> int:
         f"plain eta {result['tokens_per_s']['eta']:.1f} tok/s, BAT at {result['bat_over_eta']:.2f}x"
     )
     print("BAT decisions:", result["decisions"])
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as handle:
         json.dump(result, handle, indent=1)
     print(f"wrote {args.out}")

@@ -93,7 +93,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--max-tokens", type=int, default=48)
-    parser.add_argument("--out", default="bench_serve.json")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "serve_smollm2.json"))
     args = parser.parse_args()
 
     import openai
@@ -129,6 +129,7 @@ def main() -> int:
         "args": vars(args),
         "rows": rows,
     }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {args.out}")

@@ -140,7 +140,7 @@ def test_certificate_search_alone_is_sound_and_reweighting_only_adds():
 def test_top_token_selection_matches_a_full_partition():
     """The head's selection (a partition over the tokens above a sample threshold) gives the same set as a
     partition of the whole distribution: on peaked, flat and tied (quantized) distributions of many sizes."""
-    from bat_core.certify import most_probable
+    from bat_core.distribution import most_probable
 
     rng = np.random.default_rng(11)
     for case in range(120):

@@ -20,7 +20,8 @@ _bases_lock = threading.Lock()
 
 
 def _is_gguf(model: str) -> bool:
-    return os.path.isfile(model) and model.endswith(".gguf")
+    """A file (or a missing path named .gguf) is read as GGUF; a safetensors checkpoint is a folder."""
+    return os.path.isfile(model) or (model.endswith(".gguf") and not os.path.isdir(model))
 
 
 def _tensor_files(model: str) -> dict[str, str]:

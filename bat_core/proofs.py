@@ -1,0 +1,87 @@
+"""The proof search of the exact path: proofs by least squares over the top of the distribution
+(feasible.py), cheapest first, for the candidates that the certificate search leaves (docs/core.md)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .certify import Step
+from .config import BatConfig
+from .decisions import AcceptCertificate, BatStats, Clock, Decision, RejectCertificate
+from .feasible import RegressionSearch, WorkingSet, feasible_point
+from .search import CertificateSearch
+
+
+class ProofSearch:
+    """Per request: feasible points (rejects) and the reweighted regression (accepts) on the step's working
+    sets, and the feasible points found in the current step (a point rejects every token it zeroes)."""
+
+    def __init__(self, config: BatConfig, stats: BatStats, clock: Clock, certificates: CertificateSearch) -> None:
+        self.config, self.stats, self.clock, self.certificates = config, stats, clock, certificates
+        self.points: list[RejectCertificate] = []  # this step's, from this search and from the exact LP
+        self._working: dict[int, WorkingSet] = {}
+
+    def new_step(self) -> None:
+        self.points = []
+        self._working = {}  # the previous step's factorizations can go
+
+    def stored_reject(self, step: Step, token: int) -> RejectCertificate | None:
+        """A feasible point found earlier in this step that already gives `token` zero mass."""
+        limit = self.config.tol * step.p[token] * float(step.tolerance_scale(np.array([token]))[0])
+        for point in self.points:
+            if point.residual_l1 <= limit and token in set(point.zero_tokens(step.p).tolist()):
+                return RejectCertificate(token, point.support, point.q, point.residual_l1)
+        return None
+
+    def prove(self, step: Step, pending: np.ndarray, out: dict[int, Decision]) -> np.ndarray:
+        """Record in `out` what this search proves, token by token, cheapest first: a feasible point on the
+        first working set, a few iterations of the regression, feasible points on the larger working sets,
+        then the regression's other iterations; return the tokens still pending."""
+        cfg = self.config
+        left = []
+        sizes = list(cfg.point_columns) if cfg.point_rounds else []
+        for t in (int(t) for t in pending):
+            decision = self._feasible_point(step, t, sizes[:1])
+            regression = None
+            if decision is None and cfg.regression_iterations:
+                working = self._working_set(step, cfg.point_columns[0])
+                regression = RegressionSearch(working, t, cfg.tol, cfg.regression_grow, cfg.regression_columns)
+                decision = self._regression(regression, min(cfg.regression_first, cfg.regression_iterations))
+            if decision is None:
+                decision = self._feasible_point(step, t, sizes[1:])
+            if decision is None and regression is not None:
+                decision = self._regression(regression, cfg.regression_iterations - regression.iterations)
+            if decision is None:
+                left.append(t)
+            else:
+                out[t] = decision
+        return np.array(left, dtype=np.int64)
+
+    def _regression(self, search: RegressionSearch, iterations: int) -> Decision | None:
+        """An accept by `iterations` more rounds of the reweighted regression, or None."""
+        found = search.run(iterations, self.clock.deadline)
+        if found is None:
+            return None
+        self.certificates.remember(found[0])
+        self.stats.accepted_by("regression")
+        return Decision(search.token, True, "certificate", AcceptCertificate(search.token, *found))
+
+    def _feasible_point(self, step: Step, token: int, sizes: list[int]) -> Decision | None:
+        """A reject by a feasible point on the working sets of `sizes` tokens in turn, or None."""
+        for columns in sizes:
+            if not self.clock.left():
+                return None
+            found = feasible_point(self._working_set(step, columns), token, self.config.tol, self.config.point_rounds)
+            if found is not None:
+                point = RejectCertificate(token, *found)
+                self.points.append(point)
+                self.stats.rejected_by_point += 1
+                return Decision(token, False, "certificate", point)
+        return None
+
+    def _working_set(self, step: Step, columns: int) -> WorkingSet:
+        """The step's working set of `columns` tokens, built once per step (shared by the searches)."""
+        working = self._working.get(columns)
+        if working is None or working.step is not step:
+            working = self._working[columns] = WorkingSet(step, columns)
+        return working
