@@ -18,19 +18,23 @@ class ProofSearch:
 
     def __init__(self, config: BatConfig, stats: BatStats, clock: Clock, certificates: CertificateSearch) -> None:
         self.config, self.stats, self.clock, self.certificates = config, stats, clock, certificates
-        self.points: list[RejectCertificate] = []  # this step's, from this search and from the exact LP
+        # this step's points with the method that found them: "certificate" (this search) or "lp" (the exact LP)
+        self.points: list[tuple[str, RejectCertificate]] = []
         self._working: dict[int, WorkingSet] = {}
 
     def new_step(self) -> None:
         self.points = []
         self._working = {}  # the previous step's factorizations can go
 
-    def stored_reject(self, step: Step, token: int) -> RejectCertificate | None:
-        """A feasible point found earlier in this step that already gives `token` zero mass."""
+    def stored_reject(self, step: Step, token: int) -> Decision | None:
+        """A reject of `token` by a feasible point found earlier in this step that gives it zero mass (the
+        decision's method is that of the stage that found the point)."""
         limit = self.config.tol * step.p[token] * float(step.tolerance_scale(np.array([token]))[0])
-        for point in self.points:
+        for method, point in self.points:
             if point.residual_l1 <= limit and token in set(point.zero_tokens(step.p).tolist()):
-                return RejectCertificate(token, point.support, point.q, point.residual_l1)
+                return Decision(
+                    token, False, method, RejectCertificate(token, point.support, point.q, point.residual_l1)
+                )
         return None
 
     def prove(self, step: Step, pending: np.ndarray, out: dict[int, Decision]) -> np.ndarray:
@@ -74,7 +78,7 @@ class ProofSearch:
             found = feasible_point(self._working_set(step, columns), token, self.config.tol, self.config.point_rounds)
             if found is not None:
                 point = RejectCertificate(token, *found)
-                self.points.append(point)
+                self.points.append(("certificate", point))
                 self.stats.rejected_by_point += 1
                 return Decision(token, False, "certificate", point)
         return None

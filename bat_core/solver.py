@@ -134,8 +134,8 @@ class BatSolver:
                 decisions[t] = Decision(t, True, "threshold")
             elif step.p[t] < self.config.min_probability:
                 decisions[t] = Decision(t, False, "resolution")
-            elif (point := self._proofs.stored_reject(step, t)) is not None:
-                decisions[t] = Decision(t, False, "lp", point)
+            elif (stored := self._proofs.stored_reject(step, t)) is not None:
+                decisions[t] = stored
             else:
                 pending.append(t)
         if pending:
@@ -173,7 +173,7 @@ class BatSolver:
         for t in (int(t) for t in pending):
             out[t] = self._lps.exact(step, t, iterations_left)
             if out[t].method == "lp" and not out[t].accepted:
-                self._proofs.points.append(out[t].certificate)  # it may reject the step's later candidates too
+                self._proofs.points.append(("lp", out[t].certificate))  # it may reject the step's later candidates too
         return out
 
 

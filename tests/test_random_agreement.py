@@ -155,3 +155,32 @@ def test_top_token_selection_matches_a_full_partition():
             out = np.ones(v, dtype=bool)
             out[top] = False
             assert not out.any() or p[out].max() <= p[top].min()  # a top-k set (ties either way)
+
+
+def test_a_stored_feasible_point_rejects_later_candidates_under_its_own_method():
+    """A feasible point found by the point search rejects every other token it zeroes in that step: such a
+    later decision is a "certificate" reject (not an LP one), and its point passes the independent check."""
+    rng = np.random.default_rng(5)
+    stored = 0
+    for case in range(400):
+        W, logits = random_case(rng, ["plain", "low_rank"][case % 2])
+        p = softmax64(logits, len(W))
+        tau = float(rng.choice(TAUS))
+        below = np.flatnonzero((p < tau) & (p >= 1e-10))
+        solver = bat_core.BatSolver(bat_core.Basis(W), bat_core.BatConfig())
+        step = solver.new_step(logits, tau)
+        for token in rng.permutation(below)[:6]:
+            decision = solver.decide(step, [int(token)])[0]
+            if decision.method != "certificate" or decision.accepted:
+                continue
+            point = decision.certificate
+            zeroed = [int(j) for j in point.zero_tokens(step.p) if j != token and 1e-10 <= step.p[j] < tau]
+            if not zeroed:
+                continue
+            later = solver.decide(step, [zeroed[0]])[0]
+            assert (later.accepted, later.method) == (False, "certificate"), (case, later.method)
+            cert = later.certificate
+            check_reject(augmented(W), p, tau, zeroed[0], cert.support, cert.q, TOL)
+            stored += 1
+            break
+    assert stored >= 3, stored

@@ -28,6 +28,7 @@ import numpy as np
 
 import bat_core
 from bat_core import BatError, rule_from
+from bat_core.generation import GenerationCounts, kept_tokens
 
 MODES = ("sample", "mask")
 SPAN_TOLERANCE = 1e-3  # relative residual of float32 logits; a wrong matrix or a penalty gives ~0.01-1
@@ -67,16 +68,12 @@ def basis_of(model: Any) -> bat_core.Basis:
 
 
 @dataclass
-class GenerationStats:
-    """BAT's statistics over this processor's generations (summed over rows). `as_dict()` is JSON-ready."""
+class GenerationStats(GenerationCounts):
+    """BAT's statistics over this processor's generations, summed over rows (the counts per row-step).
+    `as_dict()` is JSON-ready."""
 
     generations: int = 0
     rows: int = 0  # rows started (batch x num_return_sequences, per generation)
-    tokens: int = 0  # row-steps BAT handled
-    below_tau: int = 0  # sample mode: tokens drawn below tau and proven
-    argmax_fallbacks: int = 0  # sample mode: row-steps where every draw was rejected
-    mask_accepted_below_tau: int = 0  # mask mode: sub-threshold tokens proven, summed over row-steps
-    mask_undecided_mass: float = 0.0  # mask mode: probability left undecided, summed over row-steps
     bat_seconds: float = 0.0
     core: dict[str, Any] = field(default_factory=dict)  # the core's BatStats, summed over rows
 
@@ -166,19 +163,9 @@ class BatLogitsProcessor:
         self._stats.rows += rows
 
     def _decide_row(self, sampler: bat_core.BatSampler, z: np.ndarray, out: np.ndarray, step: int) -> None:
-        stats = self._stats
-        stats.tokens += 1
-        if self.mode == "sample":
-            result = sampler.sample(z, step=step)
-            out[result.token] = z[result.token]
-            proven = not result.fell_back_to_argmax and result.decisions[-1].method in ("certificate", "lp")
-            stats.below_tau += int(result.below_tau and proven)
-            stats.argmax_fallbacks += int(result.fell_back_to_argmax)
-        else:
-            masked = sampler.mask(z, step=step)
-            out[masked.mask] = z[masked.mask]
-            stats.mask_accepted_below_tau += masked.accepted_below_tau
-            stats.mask_undecided_mass += masked.undecided_mass
+        outcome = kept_tokens(sampler, z, self.mode, step=step)
+        out[outcome.kept] = z[outcome.kept]
+        self._stats.add(outcome)
 
 
 def _changed_logits(what: str) -> str:

@@ -37,6 +37,7 @@ import numpy as np
 
 import bat_core
 from bat_core import BatError, ThresholdRule, rule_from
+from bat_core.generation import GenerationCounts, kept_tokens
 from bat_models import basis_for
 
 MODES = ("sample", "mask")
@@ -45,14 +46,9 @@ SPAN_TOLERANCE = 1e-3  # relative residual; the right W gives ~1e-5 (float32), a
 
 
 @dataclass
-class CompletionStats:
+class CompletionStats(GenerationCounts):
     """One completion's BAT statistics. `as_dict()` is JSON-ready."""
 
-    tokens: int = 0  # steps BAT handled
-    below_tau: int = 0  # sample mode: tokens drawn below tau and proven (kept by BAT, dropped by the rule)
-    argmax_fallbacks: int = 0  # sample mode: steps where 10 draws were rejected
-    mask_accepted_below_tau: int = 0  # mask mode: sub-threshold tokens proven, summed over steps
-    mask_undecided_mass: float = 0.0  # mask mode: probability left undecided, summed over steps
     bat_seconds: float = 0.0  # wall time inside BAT
     errors: int = 0  # steps at which BAT failed (each kept only its most probable allowed token)
     grammar_steps: int = 0  # steps restricted to the tokens a grammar allowed
@@ -221,35 +217,15 @@ class BatLogitsProcessor:
     def _apply(self, z: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
         self.owner.check_span(z)
         out = np.full(z.shape, -np.inf, dtype=np.float32)
-        self._stats.tokens += 1
         self._stats.grammar_steps += allowed is not None
-        if self.mode == "sample":
-            result = self.sampler.sample(z, allowed=allowed)
-            out[result.token] = z[result.token]
-            self._stats.argmax_fallbacks += int(result.fell_back_to_argmax)
-            self.last_tau, self.last_below_tau = result.tau, set()
-            proven = not result.fell_back_to_argmax and result.decisions[-1].method in ("certificate", "lp")
-            if result.below_tau and proven:
-                self._stats.below_tau += 1
-                self.last_below_tau = {result.token}
-                if self.records is not None:
-                    self.records.append(
-                        StepRecord(
-                            result.token,
-                            result.probability,
-                            result.tau,
-                            z.copy(),
-                            result.decisions[-1].certificate,
-                        )
-                    )
-        else:
-            masked = self.sampler.mask(z, allowed=allowed)
-            keep = np.flatnonzero(masked.mask)
-            out[keep] = z[keep]
-            self.last_tau = masked.tau
-            self.last_below_tau = set(masked.accepted_below_tau_ids.tolist())
-            self._stats.mask_accepted_below_tau += masked.accepted_below_tau
-            self._stats.mask_undecided_mass += masked.undecided_mass
+        outcome = kept_tokens(self.sampler, z, self.mode, allowed=allowed)
+        out[outcome.kept] = z[outcome.kept]
+        self._stats.add(outcome)
+        self.last_tau, self.last_below_tau = outcome.tau, set(outcome.proven_below_tau.tolist())
+        if self.records is not None and outcome.sample is not None and len(outcome.proven_below_tau):
+            drawn = outcome.sample
+            certificate = drawn.decisions[-1].certificate
+            self.records.append(StepRecord(drawn.token, drawn.probability, drawn.tau, z.copy(), certificate))
         return out
 
 

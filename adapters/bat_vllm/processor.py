@@ -41,6 +41,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 
 import bat_core
 from bat_core import BatError
+from bat_core.generation import kept_tokens
 from bat_core.lp import live_models
 from bat_core.threads import usable_cores
 from bat_models import basis_for, check_model
@@ -414,15 +415,11 @@ class BatLogitsProcessor(LogitsProcessor):
         state.last_step = step
         start = time.perf_counter()
         try:
-            if state.mode == "threshold":
-                p, tau = state.sampler.rule.probabilities_and_tau(z[: self.vocab_size])
-                return np.flatnonzero(bat_core.truncate_mask(p, tau))
-            if state.mode == "sample":
-                result = state.sampler.sample(z, step=step)
-                if self.record_dir and result.below_tau and not result.fell_back_to_argmax:
-                    self._record(z, result)
-                return np.array([result.token])
-            return np.flatnonzero(state.sampler.mask(z, step=step).mask)
+            outcome = kept_tokens(state.sampler, z, state.mode, step=step)
+            drawn = outcome.sample
+            if self.record_dir and drawn is not None and drawn.below_tau and not drawn.fell_back_to_argmax:
+                self._record(z, drawn)
+            return outcome.kept
         finally:
             state.bat_seconds += time.perf_counter() - start
 
