@@ -145,6 +145,17 @@ class Basis(MatrixProducts, GramFactors):
             if k < self.hidden_size:
                 self.reduced_cached(k).whitening()
 
+    def check_span(self, logits: Any, tolerance: float, source: str, cause: str) -> None:
+        """A BatError unless one row of `source`'s logits lies in the span of [W, 1] (relative residual below
+        `tolerance`): BAT's decisions hold for the distributions W can produce only. `cause`: what probably
+        changed the logits, for the message."""
+        residual = self.span_residual(logits)
+        if not residual < tolerance:
+            raise BatError(
+                f"the logits of {source} are not explained by its output matrix: they lie outside the span of "
+                f"[W, 1] (relative residual {residual:.2g} > {tolerance}). {cause}; BAT refuses to sample on them"
+            )
+
     def span_residual(self, logits: Any) -> float:
         """Relative distance of one row of logits from the span of [W, 1] (docs/method.md, section 5).
 

@@ -147,40 +147,23 @@ class RequestLP:
         working = np.setdiff1d(np.unique(working), [candidate])
         cand = np.array([candidate])
         a_norm = float(step.tolerance_scale(cand)[0])
-        p_i = step.p[candidate]
         rhs = step.augmented_rows(cand)[0]
-        h = self.highs
-        h.changeRowsBounds(self.rows, np.arange(self.rows, dtype=np.int32), rhs, rhs)
+        self.highs.changeRowsBounds(self.rows, np.arange(self.rows, dtype=np.int32), rhs, rhs)
         for round_ in range(max_rounds):
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 outcome.reason = "time budget"
                 return outcome
-            self._ensure_columns(step, np.append(working, candidate))
-            cols = np.fromiter((self.column_of[int(t)] for t in self.tokens), np.int32, len(self.tokens))
-            toks = np.array(self.tokens)
-            active = np.isin(toks, working)
-            ratio = np.where(active, step.p[toks] / p_i, 0.0)
-            h.changeColsBounds(len(cols), cols, -ratio, step.tprime * ratio)
+            toks, cols, active = self._bound_columns(step, candidate, working)
             if outcome.iterations >= iterations:
                 outcome.reason = "work budget"
                 return outcome
-            h.setOptionValue("time_limit", h.getRunTime() + max(remaining, 1e-3))  # HiGHS counts from its creation
-            h.setOptionValue("simplex_iteration_limit", int(iterations - outcome.iterations))  # per run
-            h.run()
-            outcome.solves += 1
+            info = self._run(remaining, iterations, outcome)
             outcome.rounds = round_ + 1
-            info = h.getInfo()
-            outcome.iterations += int(info.simplex_iteration_count)
-            status = h.getModelStatus()
-            if status != highspy.HighsModelStatus.kOptimal:
-                outcome.reason = {
-                    highspy.HighsModelStatus.kIterationLimit: "work budget",
-                    highspy.HighsModelStatus.kTimeLimit: "time budget",
-                }.get(status, h.modelStatusToString(status))
+            if info is None:
                 return outcome
             delta = float(info.objective_function_value) / a_norm
-            solution = h.getSolution()
+            solution = self.highs.getSolution()
             if delta <= tol:
                 x = np.asarray(solution.col_value)[cols]
                 outcome.accepted, outcome.residual = False, delta
@@ -189,30 +172,64 @@ class RequestLP:
             y = np.asarray(solution.row_dual, dtype=np.float64)[:, None]
             value = step.candidate_values(y, cand, exact_tokens=working)[0][0, 0]
             if value <= tol * a_norm:
-                full_values, c = self._full_check(step, y, cand, working)
-                value = full_values
+                value, c = _full_check(step, y, cand, working)
                 if value <= tol * a_norm:
-                    # add the tokens that break the certificate, then re-solve from the current basis
-                    sign = 1.0 if c[candidate] > 0 else -1.0
-                    cost = step.p * rho(sign * c, step.tprime)
-                    cost[working] = -1.0
-                    cost[candidate] = -1.0
-                    k = min(grow, int((cost > 0).sum()))
-                    if k == 0:
+                    add = _breaking_tokens(step, c, candidate, working, grow)
+                    if add is None:
                         outcome.reason = "no column left to add"
                         return outcome
-                    add = np.argpartition(-cost, k - 1)[:k]
-                    working = np.union1d(working, add)
+                    working = np.union1d(working, add)  # then re-solve from the current basis
                     continue
             outcome.accepted, outcome.y, outcome.value = True, y[:, 0], value
             return outcome
         outcome.reason = "round limit"
         return outcome
 
-    @staticmethod
-    def _full_check(step: Step, y: np.ndarray, cand: np.ndarray, working: np.ndarray) -> tuple[float, np.ndarray]:
-        values, c = step.full_candidate_values(y, cand, exact_tokens=np.union1d(working, step.head))
-        return float(values[0, 0]), c[:, 0]
+    def _bound_columns(self, step: Step, candidate: int, working: np.ndarray) -> tuple:
+        """The box of the working set's columns, every other column held at 0: (tokens, columns, active)."""
+        self._ensure_columns(step, np.append(working, candidate))
+        cols = np.fromiter((self.column_of[int(t)] for t in self.tokens), np.int32, len(self.tokens))
+        toks = np.array(self.tokens)
+        active = np.isin(toks, working)
+        ratio = np.where(active, step.p[toks] / step.p[candidate], 0.0)
+        self.highs.changeColsBounds(len(cols), cols, -ratio, step.tprime * ratio)
+        return toks, cols, active
+
+    def _run(self, remaining: float, iterations: int, outcome: LPOutcome):
+        """One dual simplex run within the clock and what is left of `iterations`: HiGHS's info when optimal,
+        else None with the reason in `outcome`."""
+        h = self.highs
+        h.setOptionValue("time_limit", h.getRunTime() + max(remaining, 1e-3))  # HiGHS counts from its creation
+        h.setOptionValue("simplex_iteration_limit", int(iterations - outcome.iterations))  # per run
+        h.run()
+        outcome.solves += 1
+        info = h.getInfo()
+        outcome.iterations += int(info.simplex_iteration_count)
+        status = h.getModelStatus()
+        if status == highspy.HighsModelStatus.kOptimal:
+            return info
+        outcome.reason = {
+            highspy.HighsModelStatus.kIterationLimit: "work budget",
+            highspy.HighsModelStatus.kTimeLimit: "time budget",
+        }.get(status, h.modelStatusToString(status))
+        return None
+
+
+def _breaking_tokens(step: Step, c: np.ndarray, candidate: int, working: np.ndarray, grow: int):
+    """The (up to) `grow` tokens outside the working set that break the certificate c most, or None."""
+    sign = 1.0 if c[candidate] > 0 else -1.0
+    cost = step.p * rho(sign * c, step.tprime)
+    cost[working] = -1.0
+    cost[candidate] = -1.0
+    k = min(grow, int((cost > 0).sum()))
+    if k == 0:
+        return None
+    return np.argpartition(-cost, k - 1)[:k]
+
+
+def _full_check(step: Step, y: np.ndarray, cand: np.ndarray, working: np.ndarray) -> tuple[float, np.ndarray]:
+    values, c = step.full_candidate_values(y, cand, exact_tokens=np.union1d(working, step.head))
+    return float(values[0, 0]), c[:, 0]
 
 
 class LinearPrograms:

@@ -72,27 +72,11 @@ def reference_decide(
     block[:, d] = 1.0
     a_l1 = float(np.abs(a_i).sum())
 
-    # 1. the feasibility problem as the paper states it (phase 1 only: the fast way to an answer),
-    #    acted on only through a certificate checked here in float64 over the whole vocabulary
-    h = _dense_model(block, ratio, tprime, a_i, residual_columns=False, time_limit=time_limit)
-    h.run()
-    status = h.getModelStatus()
-    if status == highspy.HighsModelStatus.kOptimal:
-        x = np.asarray(h.getSolution().col_value)
-        residual = float(np.abs(block.T @ x - a_i).sum()) / a_l1
-        inside = bool(np.all(x >= -ratio * (1 + 1e-9) - 1e-12) and np.all(x <= tprime * ratio * (1 + 1e-9) + 1e-12))
-        if residual <= tol and inside:
-            return _decision(token, False, residual, None, x, others, v, start, "Optimal")
-    elif status == highspy.HighsModelStatus.kTimeLimit:
-        return _decision(token, False, float("nan"), None, None, others, v, start, "Time limit reached")
-    elif status == highspy.HighsModelStatus.kInfeasible:
-        has_ray, ray = h.getDualRay()[1:]
-        if has_ray:
-            y = np.asarray(ray, dtype=np.float64)
-            y = y / max(np.abs(y).max(), 1e-300)
-            value = _value(block, ratio, tprime, a_i, y)
-            if value > tol * a_l1:
-                return _decision(token, True, value / a_l1, y, None, others, v, start, "Optimal")
+    # 1. the feasibility problem as the paper states it (phase 1 only: the fast way to an answer)
+    answer = _feasibility_answer(block, ratio, tprime, a_i, tol, time_limit)
+    if answer is not None:
+        accepted, relative, y, x, status = answer
+        return _decision(token, accepted, relative, y, x, others, v, start, status)
     # 2. otherwise the L1 distance itself, which has an optimum whatever the data
     h = _dense_model(block, ratio, tprime, a_i, residual_columns=True, time_limit=time_limit)
     del block
@@ -106,6 +90,32 @@ def reference_decide(
     x = np.asarray(solution.col_value)[:n_x]
     y = np.asarray(solution.row_dual, dtype=np.float64)
     return _decision(token, relative > tol, relative, y, x, others, v, start, status)
+
+
+def _feasibility_answer(block, ratio, tprime, a_i, tol: float, time_limit: float) -> tuple | None:
+    """(accepted, relative, y, x, status) from the phase-1 feasibility LP, acted on only through a point or a
+    dual ray checked here in float64 over the whole vocabulary; None where it settles nothing."""
+    a_l1 = float(np.abs(a_i).sum())
+    h = _dense_model(block, ratio, tprime, a_i, residual_columns=False, time_limit=time_limit)
+    h.run()
+    status = h.getModelStatus()
+    if status == highspy.HighsModelStatus.kOptimal:
+        x = np.asarray(h.getSolution().col_value)
+        residual = float(np.abs(block.T @ x - a_i).sum()) / a_l1
+        inside = bool(np.all(x >= -ratio * (1 + 1e-9) - 1e-12) and np.all(x <= tprime * ratio * (1 + 1e-9) + 1e-12))
+        if residual <= tol and inside:
+            return False, residual, None, x, "Optimal"
+    elif status == highspy.HighsModelStatus.kTimeLimit:
+        return False, float("nan"), None, None, "Time limit reached"
+    elif status == highspy.HighsModelStatus.kInfeasible:
+        has_ray, ray = h.getDualRay()[1:]
+        if has_ray:
+            y = np.asarray(ray, dtype=np.float64)
+            y = y / max(np.abs(y).max(), 1e-300)
+            value = _value(block, ratio, tprime, a_i, y)
+            if value > tol * a_l1:
+                return True, value / a_l1, y, None, "Optimal"
+    return None
 
 
 def _value(block, ratio, tprime, a_i, y) -> float:

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from .basis import Basis
+from .certify import Step
 from .config import BatConfig
 from .decisions import Decision
 from .errors import BatError
@@ -226,43 +227,64 @@ class BatSampler:
         rejected = np.zeros_like(mask)
         below = np.flatnonzero(~mask & permitted)
         below = below[np.argsort(-p[below], kind="stable")]
-        tol = solver.config.tol * state.tolerance_scale(np.arange(len(p)))
         # certificates the request already holds may prove many tokens with one product
         cached = solver.cached_certificates()
         if cached:
             mask |= solver.proven_tokens(state, np.column_stack(cached)) & permitted
-        cursor, tried = 0, 0
         limit = self.mask_candidates if candidates is None else candidates
-        while tried < limit and time.perf_counter() < deadline:
-            while cursor < len(below) and (mask[below[cursor]] or rejected[below[cursor]]):
-                cursor += 1
-            if cursor == len(below):
-                break
-            token = int(below[cursor])
-            tried += 1
-            decision = solver.decide(state, [token], deadline=deadline)[0]
-            cert = decision.certificate
-            if decision.accepted:
-                mask[token] = True
-                if cert is not None:
-                    mask |= solver.proven_tokens(state, cert.y[:, None]) & permitted
-            else:
-                rejected[token] = True
-                if cert is not None:  # the same feasible point rejects every token it leaves at zero
-                    zeros = cert.zero_tokens(p)
-                    zeros = zeros[~mask[zeros] & (cert.residual_l1 <= tol[zeros] * p[zeros])]
-                    rejected[zeros] = True
-        undecided = ~mask & ~rejected & permitted
-        below_ids = np.flatnonzero(mask & (p < state.tau))
-        below_ids = below_ids[below_ids != top]
-        return MaskResult(
-            mask=mask,
-            tau=state.tau,
-            accepted_below_tau=len(below_ids),
-            rejected=int(rejected.sum()),
-            undecided=int(undecided.sum()),
-            undecided_mass=float(p[undecided].sum()),
-            threshold_mass=float(p[(p >= state.tau) & permitted].sum()),
-            mask_mass=float(p[mask].sum()),
-            accepted_below_tau_ids=below_ids,
-        )
+        _decide_in_order(self.solver, state, below, mask, rejected, permitted, limit, deadline)
+        return _mask_result(state, mask, rejected, permitted, top)
+
+
+def _decide_in_order(
+    solver: BatSolver,
+    state: Step,
+    below: np.ndarray,
+    mask: np.ndarray,
+    rejected: np.ndarray,
+    permitted: np.ndarray,
+    limit: int,
+    deadline: float,
+) -> None:
+    """Exact decisions on `below` in order, skipping what earlier certificates settled, up to `limit`:
+    an accept certificate proves every token it covers, a feasible point rejects every token it zeroes."""
+    p = state.p
+    tol = solver.config.tol * state.tolerance_scale(np.arange(len(p)))
+    cursor, tried = 0, 0
+    while tried < limit and time.perf_counter() < deadline:
+        while cursor < len(below) and (mask[below[cursor]] or rejected[below[cursor]]):
+            cursor += 1
+        if cursor == len(below):
+            break
+        token = int(below[cursor])
+        tried += 1
+        decision = solver.decide(state, [token], deadline=deadline)[0]
+        cert = decision.certificate
+        if decision.accepted:
+            mask[token] = True
+            if cert is not None:
+                mask |= solver.proven_tokens(state, cert.y[:, None]) & permitted
+        else:
+            rejected[token] = True
+            if cert is not None:
+                zeros = cert.zero_tokens(p)
+                zeros = zeros[~mask[zeros] & (cert.residual_l1 <= tol[zeros] * p[zeros])]
+                rejected[zeros] = True
+
+
+def _mask_result(state: Step, mask: np.ndarray, rejected: np.ndarray, permitted: np.ndarray, top: int) -> MaskResult:
+    p = state.p
+    undecided = ~mask & ~rejected & permitted
+    below_ids = np.flatnonzero(mask & (p < state.tau))
+    below_ids = below_ids[below_ids != top]
+    return MaskResult(
+        mask=mask,
+        tau=state.tau,
+        accepted_below_tau=len(below_ids),
+        rejected=int(rejected.sum()),
+        undecided=int(undecided.sum()),
+        undecided_mass=float(p[undecided].sum()),
+        threshold_mass=float(p[(p >= state.tau) & permitted].sum()),
+        mask_mass=float(p[mask].sum()),
+        accepted_below_tau_ids=below_ids,
+    )

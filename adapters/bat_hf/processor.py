@@ -153,9 +153,7 @@ class BatLogitsProcessor:
     def _begin(self, input_ids: Any, z: np.ndarray) -> None:
         self._done.extend(s.stats.as_dict() for s in self._rows)
         rows = int(input_ids.shape[0])
-        residual = self.basis.span_residual(z[0])
-        if not residual < SPAN_TOLERANCE:
-            raise BatError(_changed_logits(f"logits outside the span of [W, 1] (relative residual {residual:.2g})"))
+        self.basis.check_span(z[0], SPAN_TOLERANCE, "this model", _changed_logits("logits that W does not explain"))
         seeds = [None if self.seed is None else self.seed + r for r in range(rows)]
         self._rows = [bat_core.BatSampler(self.basis, self.rule, seed=s, config=self.config) for s in seeds]
         self._prompt_length = int(input_ids.shape[1])

@@ -112,13 +112,8 @@ class BatLlama:
         """At first use: the engine's logits must lie in the span of [W, 1]."""
         if self.span_checked:
             return
-        residual = self.basis.span_residual(logits)
-        if not residual < SPAN_TOLERANCE:
-            raise BatError(
-                f"the engine's logits are not explained by the output matrix read from {self.llm.model_path} "
-                f"(relative residual {residual:.2g} > {SPAN_TOLERANCE}): wrong matrix, or a processor before "
-                "BAT changed the logits (logit_bias, penalties); BAT refuses to sample on them"
-            )
+        cause = "A wrong matrix, or a processor before BAT changed the logits (logit_bias, penalties)"
+        self.basis.check_span(logits, SPAN_TOLERANCE, self.llm.model_path, cause)
         self.span_checked = True
 
 

@@ -25,7 +25,6 @@ token and is counted; the other rows and requests go on (docs/vllm.md).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -46,6 +45,7 @@ from bat_core.lp import live_models
 from bat_core.threads import usable_cores
 from bat_models import basis_for, check_model
 
+from .monitoring import StatsFile, StepTimes, resident_mb
 from .settings import asks_for_bat, max_time_budget, settings_from, softcap_of
 
 __all__ = ["BatLogitsProcessor", "active_processors", "settings_from"]
@@ -62,15 +62,6 @@ _instances: weakref.WeakSet = weakref.WeakSet()
 def active_processors() -> list[BatLogitsProcessor]:
     """The acting BAT processors of the engines in this process (for monitoring and tests)."""
     return [p for p in list(_instances) if p.active]
-
-
-def resident_mb() -> float | None:
-    """This process's resident memory in MB (Linux), None elsewhere."""
-    try:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def _first_for_engine(vllm_config: Any) -> bool:
@@ -102,32 +93,6 @@ class RequestState:
     bat_seconds: float = 0.0
 
 
-@dataclass
-class StepTimes:
-    """BAT's share of the engine's steps with BAT rows: `apply` against the forward pass before it."""
-
-    steps: int = 0
-    bat_seconds: float = 0.0
-    forward_seconds: float = 0.0  # from update_state to apply: the model's forward pass of the step
-    max_bat_seconds: float = 0.0  # the largest single step of BAT
-
-    def add(self, forward: float, bat: float) -> None:
-        self.steps += 1
-        self.bat_seconds += bat
-        self.forward_seconds += forward
-        self.max_bat_seconds = max(self.max_bat_seconds, bat)
-
-    def as_dict(self) -> dict[str, float]:
-        total = self.bat_seconds + self.forward_seconds
-        return {
-            "steps": self.steps,
-            "bat_seconds": self.bat_seconds,
-            "forward_seconds": self.forward_seconds,
-            "max_bat_seconds": self.max_bat_seconds,
-            "bat_share": self.bat_seconds / total if total else 0.0,
-        }
-
-
 class BatLogitsProcessor(LogitsProcessor):
     """Batch-aware BAT for vLLM's v1 engine (see the module docstring)."""
 
@@ -151,8 +116,8 @@ class BatLogitsProcessor(LogitsProcessor):
         self._basis: bat_core.Basis | None = None
         self._span_checked = False
         self.record_dir = os.environ.get("BAT_VLLM_RECORD_DIR")  # tests: every sub-tau token's proof
-        self.stats_file = os.environ.get("BAT_VLLM_STATS_FILE")  # operators, tests: stats() as JSON
-        self._stats_written, self._stats_changed = 0.0, False
+        self.stats_file = StatsFile(os.environ.get("BAT_VLLM_STATS_FILE"))  # operators, tests: stats() as JSON
+        self._stats_changed = False
         # "auto": BAT's product over the vocabulary runs on the GPU the logits are on; "cpu": on the host
         self.matvec_policy = os.environ.get("BAT_MATVEC_DEVICE", "auto")
         if self.matvec_policy not in ("auto", "cpu"):
@@ -288,19 +253,9 @@ class BatLogitsProcessor(LogitsProcessor):
         }
 
     def _write_stats(self, force: bool = False) -> None:
-        """stats() to BAT_VLLM_STATS_FILE (atomically; at most twice a second, and whenever the table empties)."""
-        now = time.monotonic()
-        if not self.stats_file or (not force and now - self._stats_written < 0.5):
-            return
-        self._stats_written, self._stats_changed = now, False
-        try:
-            partial = f"{self.stats_file}.{os.getpid()}.partial"
-            with open(partial, "w") as handle:
-                json.dump(self.stats(), handle)
-            os.replace(partial, self.stats_file)
-        except OSError as exc:
-            logger.warning("BAT could not write its statistics to %s (%s); it stops trying", self.stats_file, exc)
-            self.stats_file = None
+        if self.stats_file.due(force):
+            self._stats_changed = False
+            self.stats_file.write(self.stats())
 
     # ------------------------------------------------------------------ the step
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
@@ -367,14 +322,8 @@ class BatLogitsProcessor(LogitsProcessor):
         """At the first BAT step: the engine's logits must lie in the span of [W, 1] (else BAT is refused for the
         engine); then the GPU product and the row threads are set up."""
         try:
-            residual = self.basis.span_residual(raw[0])
-            if not residual < self.span_tolerance:
-                raise BatError(
-                    f"the engine's logits are not explained by the output matrix of {self.model} (relative residual "
-                    f"{residual:.2g} > {self.span_tolerance}): a wrong or transformed matrix (a soft-cap or "
-                    "scaling the "
-                    "model's config does not declare); BAT refuses to sample on them"
-                )
+            cause = "A wrong or transformed matrix (a soft-cap or scaling the model's config does not declare)"
+            self.basis.check_span(raw[0], self.span_tolerance, self.model, cause)
         except Exception as exc:  # noqa: BLE001 - a model BAT cannot serve costs its BAT requests, never the engine
             self._refuse(exc)
             return
