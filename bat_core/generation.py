@@ -60,3 +60,12 @@ class GenerationCounts:
         if outcome.mask is not None:
             self.mask_accepted_below_tau += outcome.mask.accepted_below_tau
             self.mask_undecided_mass += outcome.mask.undecided_mass
+
+
+def most_probable_token(logits: np.ndarray, allowed: np.ndarray | None = None) -> int:
+    """The fail-closed answer of a step: the most probable token with a finite logit (among `allowed`, where
+    it allows any). Adapters keep it alone when BAT fails at a step."""
+    finite = np.where(np.isfinite(logits), logits, -np.inf)
+    if allowed is not None and allowed.any():
+        finite = np.where(allowed, finite, -np.inf)
+    return int(np.argmax(finite))

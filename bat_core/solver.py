@@ -1,17 +1,17 @@
-"""The per-request decision engine: threshold, certificates, LP, in that order.
+"""The per-request decision engine: the stages of the exact path, cheapest first (docs/core.md).
 
-`BatSolver` answers "may token i be sampled?" for candidates of one distribution, exactly:
-every accept carries an accept certificate (y, verified over the whole vocabulary with rigorous
-float bounds), every reject that is not a fallback carries a feasible point. Cheap paths come first:
+`BatSolver` answers "may token i be sampled?" for candidates of one distribution, exactly: every accept
+carries an accept certificate (y, verified over the whole vocabulary with rigorous float bounds), every
+reject that is not a counted fallback carries a feasible point.
 
-1. the threshold (p_i >= tau accepts with no LP; the argmax rule is the sampler's, not the decision's);
-2. certificate candidates: the weighted-least-squares direction, then (with an LP budget) the request's
-   recent certificates; each is only a candidate until certify.py proves it;
-3. (with an LP budget) proofs by least squares over the top of the distribution (feasible.py): a feasible
-   point by clipped least squares (reject), then reweighted least squares with column generation
-   (accept); then accept certificates from small LPs over the top singular directions of W;
-4. the exact restricted LP with column generation, warm-started on the request's HiGHS model;
-5. past the per-decision time budget, or when HiGHS fails: reject, and count the fallback.
+1. shortcuts: p_i >= tau accepts, p_i below float64's resolution rejects, a feasible point found earlier in
+   the step rejects every token it zeroes;
+2. the certificate search (search.py: least squares, then reweighted least squares); `time_budget=0` ends here;
+3. the request's recent certificates, then the proof search (proofs.py: feasible points and the reweighted
+   regression on working sets of the top of the distribution);
+4. the LPs (lp.py) under the work budget: reduced to the top singular directions of W (accepts only), then
+   the exact restricted LP with column generation on the request's warm HiGHS model;
+5. what none proves within its budget: reject, counted as a fallback with its reason.
 
 On a reduced basis (`Basis.reduced`, constraint reduction) every accept is proven again on the full
 W: its certificate, lifted to R^(d+1), must pass the same check there, or the token is rejected.

@@ -149,6 +149,12 @@ def main() -> int:
         f"without one; {totals.get('seconds', 0.0):.2f} s in decisions, "
         f"{totals.get('lp_solves', 0):.0f} LP solves"
     )
+    if args.mode == "mask" and totals.get("tokens"):
+        undecided = totals.get("mask_undecided_mass", 0) / totals["tokens"]
+        print(
+            f"mask mode: {totals.get('mask_accepted_below_tau', 0):.0f} sub-threshold tokens proven over "
+            f"{totals['tokens']:.0f} steps, undecided mass {undecided:.3f} per step"
+        )
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as handle:
         json.dump(

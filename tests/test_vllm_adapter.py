@@ -116,6 +116,8 @@ def test_mixed_batch_reproduces_and_leaves_other_requests_alone(llm, folder, rec
     [proc] = processors()
     flush(llm)
     assert proc.requests == {}  # every request left the batch
+    # the per-step counts of the requests that left: steps, and the mask row's undecided mass (a probability per step)
+    assert proc.totals["tokens"] > 0 and 0.0 <= proc.totals["mask_undecided_mass"] <= proc.totals["tokens"]
     # BAT's numpy work takes the engine's share of the cores (docs/vllm.md, Threads)
     if not os.environ.get("BAT_MATVEC_THREADS"):
         assert bat_core.threads.matvec_threads() == torch.get_num_threads()

@@ -37,7 +37,7 @@ import numpy as np
 
 import bat_core
 from bat_core import BatError, ThresholdRule, rule_from
-from bat_core.generation import GenerationCounts, kept_tokens
+from bat_core.generation import GenerationCounts, kept_tokens, most_probable_token
 from bat_models import basis_for
 
 MODES = ("sample", "mask")
@@ -255,11 +255,8 @@ def grammar_allowed(llm: Any, z: np.ndarray) -> np.ndarray | None:
 
 def most_probable_only(z: np.ndarray, allowed: np.ndarray | None = None) -> np.ndarray:
     """Fail closed: only the most probable (allowed) token stays finite."""
-    finite = np.where(np.isfinite(z), z, -np.inf)
-    if allowed is not None and allowed.any():
-        finite = np.where(allowed, finite, -np.inf)
     out = np.full(z.shape, -np.inf, dtype=np.float32)
-    top = int(np.argmax(finite))
+    top = most_probable_token(z, allowed)
     out[top] = z[top] if np.isfinite(z[top]) else 0.0  # logits with no finite value: one token all the same
     return out
 

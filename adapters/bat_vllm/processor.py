@@ -31,7 +31,7 @@ import threading
 import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -40,7 +40,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 
 import bat_core
 from bat_core import BatError
-from bat_core.generation import kept_tokens
+from bat_core.generation import GenerationCounts, kept_tokens, most_probable_token
 from bat_core.lp import live_models
 from bat_core.threads import usable_cores
 from bat_models import basis_for, check_model
@@ -91,6 +91,7 @@ class RequestState:
     last_step: int = -1
     redone: int = 0  # steps seen again (discarded prefill chunks, a re-scheduled step)
     bat_seconds: float = 0.0
+    counts: GenerationCounts = field(default_factory=GenerationCounts)  # below tau, mask's undecided mass
 
 
 class BatLogitsProcessor(LogitsProcessor):
@@ -229,6 +230,8 @@ class BatLogitsProcessor(LogitsProcessor):
             for key, value in state.sampler.stats.as_dict().items():
                 if isinstance(value, (int, float)):
                     self.totals[key] = self.totals.get(key, 0) + value
+        for key, value in asdict(state.counts).items():
+            self._count(key, value)
         self._count("errors", state.errors)
         self._count("redone_steps", state.redone)
         self._count("bat_seconds", state.bat_seconds)
@@ -365,6 +368,7 @@ class BatLogitsProcessor(LogitsProcessor):
         start = time.perf_counter()
         try:
             outcome = kept_tokens(state.sampler, z, state.mode, step=step)
+            state.counts.add(outcome)
             drawn = outcome.sample
             if self.record_dir and drawn is not None and drawn.below_tau and not drawn.fell_back_to_argmax:
                 self._record(z, drawn)
@@ -373,8 +377,7 @@ class BatLogitsProcessor(LogitsProcessor):
             state.bat_seconds += time.perf_counter() - start
 
     def _argmax(self, z: np.ndarray) -> np.ndarray:
-        finite = np.where(np.isfinite(z[: self.vocab_size]), z[: self.vocab_size], -np.inf)
-        return np.array([int(np.argmax(finite))])
+        return np.array([most_probable_token(z[: self.vocab_size])])
 
     def _after_failure(self, state: RequestState, z: np.ndarray, exc: Exception) -> np.ndarray:
         """A request whose BAT step raised keeps only its most probable token (the one token BAT always
