@@ -48,6 +48,20 @@ def rho(t: np.ndarray, tprime: float) -> np.ndarray:
     return np.where(t > 0, tprime * t, -t)
 
 
+def regression_weights(p: np.ndarray, c: np.ndarray, tprime: float) -> np.ndarray:
+    """The reweighted least-squares weights of sum_j p_j rho(c_j) written as sum_j v_j c_j^2:
+    v_j = p_j slope(c_j) / |c_j| (slope tau' above zero, 1 below), |c_j| floored at 1e-3 of the median."""
+    floor = 1e-3 * float(np.median(np.abs(c))) + 1e-300
+    return p * np.where(c > 0, tprime, 1.0) / np.maximum(np.abs(c), floor)
+
+
+def costliest_tokens(cost: np.ndarray, k: int) -> np.ndarray:
+    """The (up to) k tokens of largest positive `cost` (p_j rho(c_j), with -1 where a token is excluded):
+    those that break a certificate most, which column generation adds to a working set."""
+    k = min(k, int((cost > 0).sum()))
+    return np.argpartition(-cost, k - 1)[:k] if k > 0 else np.zeros(0, dtype=np.int64)
+
+
 def _rho_upper(lo: np.ndarray, hi: np.ndarray, tprime: float) -> np.ndarray:
     """max of rho over [lo, hi]: rho(t) = max(tau' t, -t) is convex, so the max is at an end, and
     of the four terms only tau' hi and -lo can be largest."""

@@ -31,7 +31,7 @@ import time
 
 import numpy as np
 
-from .certify import U64, Step, rho
+from .certify import U64, Step, costliest_tokens, regression_weights, rho
 from .search import with_best_offsets
 
 
@@ -175,15 +175,12 @@ class RegressionSearch:
                 c *= step.scale
             cost = step.p * rho(c + y[d], step.tprime)
             cost[self.in_set] = -1.0
-            k = min(self.grow, self.max_columns - len(self.tokens), int((cost > 0).sum()))
-            if k > 0:
-                add = np.argpartition(-cost, k - 1)[:k]
+            add = costliest_tokens(cost, min(self.grow, self.max_columns - len(self.tokens)))
+            if len(add):
                 self.in_set[add] = True
                 self.tokens = np.concatenate([self.tokens, add])
                 self.A = np.vstack([self.A, step.augmented_rows(add)])
                 self.p = step.p[self.tokens]
-        c = self.A @ y
-        floor = 1e-3 * float(np.median(np.abs(c))) + 1e-300
-        v = self.p * np.where(c > 0, step.tprime, 1.0) / np.maximum(np.abs(c), floor)
+        v = regression_weights(self.p, self.A @ y, step.tprime)
         self.H = weighted_gram(self.A, v)
         return None

@@ -28,7 +28,7 @@ import highspy
 import numpy as np
 
 from .basis import Basis
-from .certify import Step, rho
+from .certify import Step, costliest_tokens, rho
 from .config import BatConfig
 from .decisions import AcceptCertificate, BatStats, Clock, Decision, RejectCertificate
 from .highs import new_highs
@@ -221,10 +221,8 @@ def _breaking_tokens(step: Step, c: np.ndarray, candidate: int, working: np.ndar
     cost = step.p * rho(sign * c, step.tprime)
     cost[working] = -1.0
     cost[candidate] = -1.0
-    k = min(grow, int((cost > 0).sum()))
-    if k == 0:
-        return None
-    return np.argpartition(-cost, k - 1)[:k]
+    add = costliest_tokens(cost, grow)
+    return add if len(add) else None
 
 
 def _full_check(step: Step, y: np.ndarray, cand: np.ndarray, working: np.ndarray) -> tuple[float, np.ndarray]:

@@ -15,7 +15,7 @@ from collections import deque
 
 import numpy as np
 
-from .certify import Step
+from .certify import Step, regression_weights
 from .config import BatConfig
 from .decisions import AcceptCertificate, BatStats, Decision
 from .distribution import Distribution
@@ -71,8 +71,7 @@ class WeightedLeastSquares:
             z = self._plain[int(token)] if int(token) in self._plain else self._solve(self.kernel, b)
             for _ in range(iterations):
                 c = self.B @ z[:, 0]
-                floor = 1e-3 * float(np.median(np.abs(c))) + 1e-300
-                weights = p_head * np.where(c > 0, step.tprime, 1.0) / np.maximum(np.abs(c), floor)
+                weights = regression_weights(p_head, c, step.tprime)
                 weights[head == token] = 0.0  # the candidate's own term is fixed by c_i = 1
                 kernel = self.gram_head.copy()
                 kernel[np.diag_indices_from(kernel)] += self.mu / np.maximum(weights, 1e-300)

@@ -48,7 +48,7 @@ class ThresholdRule:
         if self.kind != "eta":
             return p, self.value
         h = max(math.log(total) - float(p @ shifted), 0.0)
-        return p, min(self.value, math.sqrt(self.value) * math.exp(-h))
+        return p, float(eta_of_entropy(self.value, h))
 
     def tau(self, probs: np.ndarray) -> np.ndarray | float:
         """Threshold for each row of ``probs`` (shape [v] gives a float, [n, v] gives shape [n])."""
@@ -67,9 +67,15 @@ def entropy(probs: np.ndarray) -> np.ndarray | float:
     return float(h) if np.ndim(h) == 0 else h
 
 
+def eta_of_entropy(eps: float, h: np.ndarray | float) -> np.ndarray | float:
+    """eta sampling's threshold min(eps, sqrt(eps) exp(-H)) for entropies H in nats (one or an array)."""
+    if np.ndim(h) == 0:
+        return min(eps, math.sqrt(eps) * math.exp(-float(h)))
+    return np.minimum(eps, math.sqrt(eps) * np.exp(-np.asarray(h)))
+
+
 def eta_threshold(probs: np.ndarray, eps: float) -> np.ndarray | float:
-    h = entropy(probs)
-    tau = np.minimum(eps, math.sqrt(eps) * np.exp(-np.asarray(h)))
+    tau = eta_of_entropy(eps, entropy(probs))
     return float(tau) if np.ndim(tau) == 0 else tau
 
 
