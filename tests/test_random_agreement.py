@@ -44,7 +44,7 @@ def agree_with_reference(seed: int, cases: int, config: bat_core.BatConfig | Non
     compare with the dense reference; returns counts (checked, in the tolerance band, by stage)."""
     rng = np.random.default_rng(seed)
     kinds = ["plain", "duplicates", "zero_rows", "wide", "low_rank"]
-    counts = dict(checked=0, gray=0, by_point=0, by_regression=0, lp_rejects=0, lp_accepts=0, by_near=0)
+    counts = dict(checked=0, gray=0, by_point=0, by_regression=0, lp_rejects=0, lp_accepts=0)
     for case in range(cases):
         kind = kinds[case % len(kinds)]
         W, logits = random_case(rng, kind)
