@@ -11,7 +11,8 @@ from .errors import BatError
 from .sampler import BatSampler, MaskResult, SampleResult
 from .thresholds import truncate_mask
 
-MODES = ("sample", "mask", "threshold")  # threshold: the plain rule through the same hook (a baseline)
+BAT_MODES = ("sample", "mask")  # the paper's sampler, and the proven set over the vocabulary
+MODES = (*BAT_MODES, "threshold")  # threshold: the plain rule through the same hook (a baseline)
 
 
 @dataclass

@@ -17,11 +17,12 @@ from typing import Any
 
 from .config import GENERATION_TIME_BUDGET
 from .errors import BatError
+from .generation import MODES
 from .thresholds import ThresholdRule
 
 RULE_KEYS = {"bat_eta": "eta", "bat_epsilon": "epsilon", "bat_tau": "tau"}
 SETTING_KEYS = frozenset(RULE_KEYS) | {"bat_mode", "bat_seed", "bat_time_budget"}
-REQUEST_MODES = ("sample", "mask", "threshold")  # threshold: the plain rule without BAT (a baseline)
+REQUEST_MODES = MODES  # threshold: the plain rule without BAT (a baseline)
 DEFAULT_MAX_TIME_BUDGET = 10.0  # seconds per decision a request may ask for, unless the operator says otherwise
 
 

@@ -17,22 +17,13 @@ import platform
 import sys
 import time
 
+from bench_prompts import CYCLED as PROMPTS
+
 sys.path[:0] = [
     os.path.join(os.path.dirname(__file__), "..", "adapters"),
     os.path.join(os.path.dirname(__file__), ".."),
 ]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-PROMPTS = [
-    "Once upon a time",
-    "The capital of France is",
-    "My favourite food is",
-    "In 1905, Albert Einstein published",
-    "The best way to learn",
-    "Dear hiring manager,",
-    "She opened the door and",
-    "The history of Rome",
-]
 
 
 def main() -> int:

@@ -27,26 +27,13 @@ sys.path[:0] = [
     os.path.join(os.path.dirname(__file__), ".."),
 ]
 
+from bench_prompts import PROMPTS
+
 import bat_core
 from bat_llamacpp import BatLlama, EtaLogitsProcessor, rule_from
 from bat_llamacpp.cli import load_llama, run_generation
 from bat_llamacpp.processor import GENERATION_TIME_BUDGET, neutral_sampling_kwargs
 from bat_models import gemma3_270m_path, smollm2_path
-
-PROMPTS = [
-    "Once upon a time",
-    "The capital of France is",
-    "My favourite food is",
-    "In 1905, Albert Einstein published",
-    "The best way to learn",
-    "Dear hiring manager,",
-    "She opened the door and",
-    "The history of Rome",
-    "To bake bread, first",
-    "Breaking news:",
-    "He looked at the sky and",
-    "The recipe calls for",
-]
 
 
 class Native:

@@ -23,16 +23,8 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-PROMPTS = [
-    "Once upon a time",
-    "The capital of France is",
-    "My favourite food is",
-    "In 1905, Albert Einstein published",
-    "The best way to learn",
-    "Dear hiring manager,",
-    "She opened the door and",
-    "The history of Rome",
-]
+from bench_prompts import CYCLED as PROMPTS
+
 KINDS = {
     "bat": {"bat_eta": 0.0009},
     "plain_eta": {"bat_eta": 0.0009, "bat_mode": "threshold"},

@@ -28,9 +28,9 @@ import numpy as np
 
 import bat_core
 from bat_core import BatError, rule_from
-from bat_core.generation import GenerationCounts, kept_tokens
+from bat_core.generation import BAT_MODES, GenerationCounts, kept_tokens
 
-MODES = ("sample", "mask")
+MODES = BAT_MODES
 SPAN_TOLERANCE = 1e-3  # relative residual of float32 logits; a wrong matrix or a penalty gives ~0.01-1
 BEFORE_CUSTOM_PROCESSORS = (
     "repetition_penalty",

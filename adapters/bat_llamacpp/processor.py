@@ -37,10 +37,10 @@ import numpy as np
 
 import bat_core
 from bat_core import BatError, ThresholdRule, rule_from
-from bat_core.generation import GenerationCounts, kept_tokens, most_probable_token
+from bat_core.generation import BAT_MODES, GenerationCounts, kept_tokens, most_probable_token
 from bat_models import basis_for
 
-MODES = ("sample", "mask")
+MODES = BAT_MODES
 GENERATION_TIME_BUDGET = bat_core.GENERATION_TIME_BUDGET  # the clock per decision: a safety net (docs/core.md)
 SPAN_TOLERANCE = 1e-3  # relative residual; the right W gives ~1e-5 (float32), a wrong one ~0.1-1
 
