@@ -39,12 +39,14 @@ class BatConfig:
     lp_max_rounds: int = 12
     # working sets of the feasible-point search, tried in turn (the first also starts the regression)
     point_columns: tuple[int, ...] = (2048, 8192)
-    # clip-and-re-solve rounds of that search (0 turns it off; fewer missed hard rejects)
-    point_rounds: int = 16
+    # Newton iterations of that search per working set (0 turns it off); most points take 0-6
+    point_iterations: int = 24
     # reweighted-regression iterations with column generation, the hard accepts' proof (0: off)
     regression_iterations: int = 32
-    # of those, the ones run before the feasible-point search on the larger working sets (most accepts need 1-2)
-    regression_first: int = 4
+    # the regression's first cost ratio (sum_{j != i} p_j rho(c_j) / p_i c_i) above which the larger feasible-point
+    # searches run before its other iterations, times 1 / sqrt(tau'): the first iterate is further from the
+    # optimum the smaller tau' is (on real hard candidates accepts stayed below 3 at tau 0.1, rejects above 3.6)
+    point_first_ratio: float = 1.0
     # tokens joining the regression's working set per iteration, and its largest working set
     regression_grow: int = 512
     regression_columns: int = 12288
@@ -70,9 +72,9 @@ class BatConfig:
             raise BatError(f"min_probability={self.min_probability} must lie in [0, 1e-3) (default 1e-10)")
         if not 1e-12 <= self.tol <= 1e-2:
             raise BatError(f"tol={self.tol} must lie in [1e-12, 1e-2] (default 1e-6)")
-        if not 0 <= int(self.point_rounds) <= 100:
+        if not 0 <= int(self.point_iterations) <= 100:
             raise BatError(
-                f"point_rounds={self.point_rounds} must be an integer in [0, 100] (0: no feasible-point search)"
+                f"point_iterations={self.point_iterations} must be an integer in [0, 100] (0: no feasible-point search)"
             )
         if not 0 <= int(self.lsq_refine) <= 50:
             raise BatError(f"lsq_refine={self.lsq_refine} must be an integer in [0, 50]")

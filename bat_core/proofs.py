@@ -1,5 +1,6 @@
-"""The proof search of the exact path: proofs by least squares over the top of the distribution
-(feasible.py), cheapest first, for the candidates that the certificate search leaves (docs/core.md)."""
+"""The proof search of the exact path: proofs by least squares over the top of the distribution (feasible
+points in feasible.py, the reweighted regression in regression.py), cheapest first, for the candidates that
+the certificate search leaves (docs/core.md)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import numpy as np
 from .certify import Step
 from .config import BatConfig
 from .decisions import AcceptCertificate, BatStats, Clock, Decision, RejectCertificate
-from .feasible import RegressionSearch, WorkingSet, feasible_point
+from .feasible import WorkingSet, feasible_point
+from .regression import RegressionSearch
 from .search import CertificateSearch
 
 
@@ -38,23 +40,29 @@ class ProofSearch:
         return None
 
     def prove(self, step: Step, pending: np.ndarray, out: dict[int, Decision]) -> np.ndarray:
-        """Record in `out` what this search proves, token by token, cheapest first: a feasible point on the
-        first working set, a few iterations of the regression, feasible points on the larger working sets,
-        then the regression's other iterations; return the tokens still pending."""
+        """Record in `out` what this search proves, token by token, cheapest first: the regression's first
+        iterate (the first working set's least squares) and a feasible point on that set; then, for a
+        likely accept, the regression's other iterations before feasible points on the larger working sets,
+        and for a likely reject (the first iterate's cost ratio above point_first_ratio / sqrt(tau')) the reverse.
+        Return the tokens still pending."""
         cfg = self.config
         left = []
-        sizes = list(cfg.point_columns) if cfg.point_rounds else []
+        sizes = list(cfg.point_columns) if cfg.point_iterations else []
         for t in (int(t) for t in pending):
-            decision = self._feasible_point(step, t, sizes[:1])
-            regression = None
-            if decision is None and cfg.regression_iterations:
+            regression = decision = None
+            if cfg.regression_iterations:
                 working = self._working_set(step, cfg.point_columns[0])
                 regression = RegressionSearch(working, t, cfg.tol, cfg.regression_grow, cfg.regression_columns)
-                decision = self._regression(regression, min(cfg.regression_first, cfg.regression_iterations))
+                decision = self._regression(regression, 1)
             if decision is None:
+                decision = self._feasible_point(step, t, sizes[:1])
+            likely_reject = regression is None or regression.cost_ratio * np.sqrt(step.tprime) > cfg.point_first_ratio
+            if decision is None and likely_reject:
                 decision = self._feasible_point(step, t, sizes[1:])
             if decision is None and regression is not None:
                 decision = self._regression(regression, cfg.regression_iterations - regression.iterations)
+            if decision is None and not likely_reject:
+                decision = self._feasible_point(step, t, sizes[1:])
             if decision is None:
                 left.append(t)
             else:
@@ -75,7 +83,9 @@ class ProofSearch:
         for columns in sizes:
             if not self.clock.left():
                 return None
-            found = feasible_point(self._working_set(step, columns), token, self.config.tol, self.config.point_rounds)
+            found = feasible_point(
+                self._working_set(step, columns), token, self.config.tol, self.config.point_iterations
+            )
             if found is not None:
                 point = RejectCertificate(token, *found)
                 self.points.append(("certificate", point))

@@ -100,7 +100,7 @@ def test_fast_path_agrees_with_reference(chunk):
 def test_exact_lp_alone_agrees_with_reference():
     """With the least-squares proofs off, the exact LP decides what the cheap search leaves: its reject
     points and accept certificates pass the same independent checks and agree with the reference."""
-    config = bat_core.BatConfig(point_rounds=0, regression_iterations=0)
+    config = bat_core.BatConfig(point_iterations=0, regression_iterations=0)
     counts = agree_with_reference(2000, 300, config)
     assert counts["by_point"] == counts["by_regression"] == 0
     assert counts["lp_rejects"] > 0 and counts["lp_accepts"] > 0, counts

