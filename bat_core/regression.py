@@ -49,10 +49,6 @@ class RegressionSearch:
         self.cost_ratio = np.inf
         self._y: np.ndarray | None = None  # the last iterate (None: the next is the working set's least squares)
 
-    @property
-    def columns(self) -> int:
-        return self.size
-
     def run(self, iterations: int, deadline: float) -> tuple[np.ndarray, float] | None:
         for _ in range(iterations):
             if self.failed or time.perf_counter() >= deadline:
