@@ -67,6 +67,11 @@ class WorkingSet:
         self.gram = weighted_gram(self.A, self.weights)
         self._least_squares: tuple[int, np.ndarray | None] | None = None  # the last token's, asked for twice
 
+    def position(self, token: int) -> int | None:
+        """The row of `token` in the working set, or None when it is not in it."""
+        pos = int(np.searchsorted(self.tokens, token))
+        return pos if pos < len(self.tokens) and self.tokens[pos] == token else None
+
     def without(self, token: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(tokens, A, weights) with `token` left out."""
         keep = self.tokens != token
@@ -87,8 +92,8 @@ class WorkingSet:
         z = solve_ridged(self.gram, a_i)
         if z is None:
             return None
-        pos = int(np.searchsorted(self.tokens, token))
-        if pos < len(self.tokens) and self.tokens[pos] == token:
+        pos = self.position(token)
+        if pos is not None:
             shrink = 1.0 - self.weights[pos] * float(a_i @ z)  # (G - p a a')^-1 a = G^-1 a / (1 - p a'G^-1 a)
             if not shrink > 1e-12:
                 return None
@@ -169,8 +174,8 @@ def _free_gram(working: WorkingSet, token: int, A: np.ndarray, w: np.ndarray, fr
     out = ~free
     if out.sum() < 0.4 * len(free) and w[out].sum() <= 1e-3 * w.sum():
         H = working.gram - weighted_gram(A[out], w[out])
-        pos = int(np.searchsorted(working.tokens, token))
-        if pos < len(working.tokens) and working.tokens[pos] == token:
+        pos = working.position(token)
+        if pos is not None:
             H -= working.weights[pos] * np.outer(working.A[pos], working.A[pos])
         return H
     return weighted_gram(A[free], w[free])

@@ -101,10 +101,7 @@ class RegressionSearch:
     def _add_costliest(self, y: np.ndarray, u32: np.ndarray) -> None:
         """The tokens outside the set that y charges most join it."""
         step = self.step
-        c = u32.astype(np.float64)
-        if step.scale is not None:
-            c *= step.scale
-        cost = step.p * rho(c + y[-1], step.tprime)
+        cost = _charges(step, u32, float(y[-1]))
         cost[self.in_set] = -1.0
         add = costliest_tokens(cost, min(self.grow, self.max_columns - self.size))
         if len(add):
@@ -114,15 +111,19 @@ class RegressionSearch:
             self.size += len(add)
 
 
-def _cost_ratio(step, token: int, u32: np.ndarray, offset: float) -> float:
-    """sum_{j != i} p_j rho(c_j) / (p_i c_i) for c = s u + offset, from the float32 product u (an estimate that
-    orders the searches; nothing is proven with it)."""
+def _charges(step, u32: np.ndarray, offset: float) -> np.ndarray:
+    """p_j rho(c_j) over the vocabulary for c = s u + offset, from the float32 product u: estimates that pick
+    tokens and order the searches (nothing is proven with them)."""
     c = u32.astype(np.float64)
     if step.scale is not None:
         c *= step.scale
-    c += offset
-    c_i = float(c[token])
+    return step.p * rho(c + offset, step.tprime)
+
+
+def _cost_ratio(step, token: int, u32: np.ndarray, offset: float) -> float:
+    """sum_{j != i} p_j rho(c_j) / (p_i c_i) for c = s u + offset (an estimate, as `_charges`)."""
+    cost = _charges(step, u32, offset)
+    c_i = float(u32[token]) * (1.0 if step.scale is None else float(step.scale[token])) + offset
     if not c_i > 0:
         return np.inf
-    cost = step.p * rho(c, step.tprime)
     return float((cost.sum() - cost[token]) / (step.p[token] * c_i))
