@@ -37,18 +37,20 @@ class BatConfig:
     lp_columns: int = 128
     lp_grow: int = 256
     lp_max_rounds: int = 12
-    # working sets of the feasible-point search, tried in turn (the first also starts the regression)
+    # working sets of the feasible-point search, tried in turn
     point_columns: tuple[int, ...] = (2048, 8192)
     # Newton iterations of that search per working set (0 turns it off); most points take 0-6
     point_iterations: int = 24
     # reweighted-regression iterations with column generation, the hard accepts' proof (0: off)
-    regression_iterations: int = 32
-    # the regression's first cost ratio (sum_{j != i} p_j rho(c_j) / p_i c_i) above which the larger feasible-point
+    regression_iterations: int = 48
+    # the regression's first cost ratio (sum_{j != i} p_j rho(c_j) / p_i c_i) above which the feasible-point
     # searches run before its other iterations, times 1 / sqrt(tau'): the first iterate is further from the
-    # optimum the smaller tau' is (on real hard candidates accepts stayed below 3 at tau 0.1, rejects above 3.6)
+    # optimum the smaller tau' is (on real hard candidates accepts stayed at or below 3.1 at tau 0.1, rejects above 3.8)
     point_first_ratio: float = 1.0
-    # tokens joining the regression's working set per iteration, and its largest working set
-    regression_grow: int = 512
+    # the regression's first working set (the most probable tokens), the tokens joining it per iteration, and its
+    # largest: smaller sets that grow slowly cost less per iteration than they add iterations
+    regression_start: int = 1024
+    regression_grow: int = 128
     regression_columns: int = 12288
     # recent certificates re-tried before the LPs and in mask mode
     cache_size: int = 4
@@ -98,6 +100,7 @@ class BatConfig:
             "full_checks",
             "head_size",
             "lsq_head",
+            "regression_start",
             "regression_grow",
             "regression_columns",
             "search_columns",

@@ -16,7 +16,7 @@ residual. A semismooth Newton method maximizes phi: the Hessian is the Gram matr
 inside their box, the step is damped by a backtracking line search on phi, and tokens enter and leave
 their bounds freely. When a point exists it converges in a few iterations; when none does, phi is
 unbounded and the residual stops shrinking, which ends the search early. The first iterate is the plain
-least-squares solution, the same solve that starts the regression (`WorkingSet.least_squares`).
+least-squares solution (`WorkingSet.least_squares`, the solve that also starts the regression on its own set).
 
 Whatever this search returns is proven here: the point holds its box exactly and its residual is bounded
 rigorously in float64 (`_checked_point`).
@@ -82,7 +82,7 @@ class WorkingSet:
     def least_squares(self, token: int) -> np.ndarray | None:
         """z = G_i^-1 a_i, G_i the Gram matrix without `token` (a rank-one downdate of G by Sherman-Morrison):
         the regression's first direction (y = z / a_i'z) and the feasible-point search's first iterate
-        (lam = p_i z). None when G is singular."""
+        (lam = p_i z), each on its own set. None when G is singular."""
         if self._least_squares is None or self._least_squares[0] != token:
             self._least_squares = (token, self._solve_without(token))
         return self._least_squares[1]

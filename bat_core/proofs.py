@@ -41,28 +41,25 @@ class ProofSearch:
 
     def prove(self, step: Step, pending: np.ndarray, out: dict[int, Decision]) -> np.ndarray:
         """Record in `out` what this search proves, token by token, cheapest first: the regression's first
-        iterate (the first working set's least squares) and a feasible point on that set; then, for a
-        likely accept, the regression's other iterations before feasible points on the larger working sets,
-        and for a likely reject (the first iterate's cost ratio above point_first_ratio / sqrt(tau')) the reverse.
-        Return the tokens still pending."""
+        iterate (least squares on its first working set); then, for a likely accept, the regression's other
+        iterations before the feasible-point searches, and for a likely reject (the first iterate's cost
+        ratio above point_first_ratio / sqrt(tau')) the reverse. Return the tokens still pending."""
         cfg = self.config
         left = []
         sizes = list(cfg.point_columns) if cfg.point_iterations else []
         for t in (int(t) for t in pending):
             regression = decision = None
             if cfg.regression_iterations:
-                working = self._working_set(step, cfg.point_columns[0])
+                working = self._working_set(step, cfg.regression_start)
                 regression = RegressionSearch(working, t, cfg.tol, cfg.regression_grow, cfg.regression_columns)
                 decision = self._regression(regression, 1)
-            if decision is None:
-                decision = self._feasible_point(step, t, sizes[:1])
             likely_reject = regression is None or regression.cost_ratio * np.sqrt(step.tprime) > cfg.point_first_ratio
             if decision is None and likely_reject:
-                decision = self._feasible_point(step, t, sizes[1:])
+                decision = self._feasible_point(step, t, sizes)
             if decision is None and regression is not None:
                 decision = self._regression(regression, cfg.regression_iterations - regression.iterations)
             if decision is None and not likely_reject:
-                decision = self._feasible_point(step, t, sizes[1:])
+                decision = self._feasible_point(step, t, sizes)
             if decision is None:
                 left.append(t)
             else:

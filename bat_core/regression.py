@@ -3,11 +3,11 @@
 Token i is accepted when some c = A y with c_i = 1 has sum_{j != i} p_j rho(c_j) < p_i (docs/method.md,
 section 3). Iteratively reweighted least squares writes that cost as sum_j v_j c_j^2 with
 v_j = p_j slope(c_j) / |c_j| and re-solves H y = a_i (H = sum v_j a_j a_j') over a working set that starts
-at the step's `WorkingSet` (its first direction is that set's least-squares solve, shared with the
-feasible-point search); after each solve the tokens outside the set that the current y charges most
-(p_j rho(c_j), from one float32 product over the vocabulary) join it: column generation, as in the exact
-LP, on a least-squares surrogate. Each iterate, with its constant component re-chosen
-(search.with_best_offsets), is only a candidate until certify.py proves it over the whole vocabulary.
+at one of the step's `WorkingSet`s (its first direction is that set's least-squares solve); after each solve
+the tokens outside the set that the current y charges most (p_j rho(c_j), from one float32 product over the
+vocabulary) join it: column generation, as in the exact LP, on a least-squares surrogate. Each iterate, with
+its constant component re-chosen (search.with_best_offsets), is only a candidate until certify.py proves it
+over the whole vocabulary.
 """
 
 from __future__ import annotations

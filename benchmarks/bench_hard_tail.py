@@ -4,8 +4,9 @@
 
 Collects them as benchmarks/hard_candidates.py does (sampler and tail draws on SmolLM2 trajectories, eta 0.0009,
 eta 0.02 and tau 0.1, up to --limit of each kind per setting), then decides each with a fresh solver
-(BatConfig.for_generation, the clock out of the way) and prints, per setting and kind, the decisions, the
-stage that proved them, median / p90 / max seconds and the unproven (fallback) count. Writes JSON.
+(BatConfig.for_generation with the --config overrides, the clock out of the way) and prints, per setting and
+kind, the decisions, the stage that proved them, median / p90 / max seconds and the unproven (fallback) count.
+Writes JSON.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ def stage(decision: bat_core.Decision, stats: bat_core.BatStats) -> str:
     return ",".join(sorted(stats.accepts_by_source)) or decision.method
 
 
-def decide_all(fixture: dict, basis: bat_core.Basis, clock: float) -> list[dict]:
-    config = bat_core.BatConfig.for_generation(clock)
+def decide_all(fixture: dict, basis: bat_core.Basis, clock: float, overrides: dict) -> list[dict]:
+    config = bat_core.BatConfig.for_generation(clock, **overrides)
     rows = []
     for n in range(len(fixture["token"])):
         rule = bat_core.ThresholdRule(str(fixture["kind"][n]), float(fixture["value"][n]))
@@ -85,15 +86,18 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=40, help="candidates per setting, sampler and tail each")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--clock", type=float, default=60.0, help="the safety net's seconds per decision")
+    parser.add_argument("--config", default="{}", help="BatConfig overrides as JSON, e.g. '{\"regression_grow\": 512}'")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "hard_tail_smollm2.json"))
     args = parser.parse_args()
+    overrides = json.loads(args.config)
     args.model = "smollm2"
     fixture = collect(args)
     layer = output_layer(smollm2_path())
     basis = bat_core.Basis(layer.W, bias=layer.bias, softcap=layer.softcap)
     basis.prepare()
-    rows = decide_all(fixture, basis, args.clock)
-    report = {"steps": args.steps, "limit": args.limit, "seed": args.seed, "groups": {}, "rows": rows}
+    rows = decide_all(fixture, basis, args.clock, overrides)
+    report = {"steps": args.steps, "limit": args.limit, "seed": args.seed, "config": overrides, "groups": {}}
+    report["rows"] = rows
     print(f"\n{'setting':18s} {'n':>4s} {'acc':>4s} {'unproven':>8s} {'median':>8s} {'p90':>8s} {'max':>8s}  stages")
     for name in dict.fromkeys(r["setting"] for r in rows):
         for tail in (False, True):
