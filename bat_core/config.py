@@ -39,6 +39,9 @@ class BatConfig:
     lp_max_rounds: int = 12
     # working sets of the feasible-point search, tried in turn
     point_columns: tuple[int, ...] = (2048, 8192)
+    # the working set of a last feasible-point search, after the regression and the searches above (0: none):
+    # it proves rejects that need more of the tail, at a second or more each, so it runs only when all else failed
+    point_final_columns: int = 32768
     # Newton iterations of that search per working set (0 turns it off); most points take 0-6
     point_iterations: int = 24
     # reweighted-regression iterations with column generation, the hard accepts' proof (0: off)
@@ -89,6 +92,8 @@ class BatConfig:
         self.search_levels = tuple(int(k) for k in self.search_levels)
         if any(k < 1 for k in self.search_levels):
             raise BatError(f"search_levels={self.search_levels} must be positive numbers of directions")
+        if not 0 <= int(self.point_final_columns):
+            raise BatError(f"point_final_columns={self.point_final_columns} must be a number of tokens >= 0 (0: none)")
         self.point_columns = tuple(int(k) for k in self.point_columns)
         if not self.point_columns or any(k < 1 for k in self.point_columns):
             raise BatError(f"point_columns={self.point_columns} must be positive numbers of tokens, smallest first")

@@ -43,7 +43,8 @@ class ProofSearch:
         """Record in `out` what this search proves, token by token, cheapest first: the regression's first
         iterate (least squares on its first working set); then, for a likely accept, the regression's other
         iterations before the feasible-point searches, and for a likely reject (the first iterate's cost
-        ratio above point_first_ratio / sqrt(tau')) the reverse. Return the tokens still pending."""
+        ratio above point_first_ratio / sqrt(tau')) the reverse; last, a feasible point on the largest working
+        set (point_final_columns). Return the tokens still pending."""
         cfg = self.config
         left = []
         sizes = list(cfg.point_columns) if cfg.point_iterations else []
@@ -60,6 +61,8 @@ class ProofSearch:
                 decision = self._regression(regression, cfg.regression_iterations - regression.iterations)
             if decision is None and not likely_reject:
                 decision = self._feasible_point(step, t, sizes)
+            if decision is None and cfg.point_iterations and cfg.point_final_columns:
+                decision = self._feasible_point(step, t, [cfg.point_final_columns])
             if decision is None:
                 left.append(t)
             else:
