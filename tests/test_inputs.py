@@ -160,6 +160,8 @@ def test_product_on_a_torch_device_keeps_the_rounding_bound():
     [
         ("search_levels", (32, 0), "search_levels"),
         ("point_columns", (), "point_columns"),
+        ("point_final_columns", -1, "point_final_columns"),
+        ("regression_start", 0, "regression_start"),
         ("tol", 1.0, "tol"),
         ("time_budget", -1.0, "time_budget"),
     ],
