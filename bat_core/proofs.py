@@ -61,7 +61,7 @@ class ProofSearch:
                 decision = self._regression(regression, cfg.regression_iterations - regression.iterations)
             if decision is None and not likely_reject:
                 decision = self._feasible_point(step, t, sizes)
-            if decision is None and cfg.point_iterations and cfg.point_final_columns:
+            if decision is None and cfg.point_iterations and cfg.point_final_columns not in (0, *sizes):
                 decision = self._feasible_point(step, t, [cfg.point_final_columns])
             if decision is None:
                 left.append(t)
