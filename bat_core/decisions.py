@@ -68,7 +68,7 @@ class BatStats:
     below_resolution: int = 0
     seconds: float = 0.0
     fallback_reasons: dict[str, int] = field(default_factory=dict)
-    # least-squares | reweighted | cache | regression | search-k | lp
+    # least-squares | reweighted | cache | regression | point-search | search-k | lp
     accepts_by_source: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:

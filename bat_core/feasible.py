@@ -1,4 +1,5 @@
-"""Rejects for the hard candidates without the simplex: feasible points by a Newton method on a working set.
+"""Rejects for the hard candidates without the simplex: feasible points by a Newton method on a working set
+(and accepts where its dual diverges).
 
 Token i is rejected when some q with q_i = -p_i, every other q_j in [l_j, u_j] = [-p_j, tau' p_j] and
 sum_j q_j a_j = 0 exists (docs/method.md, sections 2-3): p_i a_i lies in the zonotope of the other tokens.
@@ -18,8 +19,11 @@ their bounds freely. When a point exists it converges in a few iterations; when 
 unbounded and the residual stops shrinking, which ends the search early. The first iterate is the plain
 least-squares solution (`WorkingSet.least_squares`, the solve that also starts the regression on its own set).
 
-Whatever this search returns is proven here: the point holds its box exactly and its residual is bounded
-rigorously in float64 (`_checked_point`).
+Where no point exists, the iterates are tried as accept certificates on the way (the direction along
+which phi grows is one), so a search that a misjudged accept starts can still prove it.
+
+Whatever this search returns is proven: the point holds its box exactly and its residual is bounded
+rigorously in float64 (`_checked_point`); an accept is proven over the whole vocabulary by certify.py.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from __future__ import annotations
 import numpy as np
 
 from .certify import U64, Step
+from .decisions import AcceptCertificate, RejectCertificate
+from .search import prove_pair, with_best_offsets
 
 
 def weighted_gram(A: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -103,18 +109,23 @@ class WorkingSet:
 
 def feasible_point(
     working: WorkingSet, token: int, tol: float, iterations: int = 24
-) -> tuple[np.ndarray, np.ndarray, float] | None:
-    """A point that rejects `token`: (support, q on the support, bound of ||sum_j q_j a_j||_1), the support
-    holding `token` itself (q = -p_token); None when `iterations` Newton iterations end without one whose
-    residual is within tol * p_token * ||a_token||_1, or when the residual stops shrinking (phi grows without
-    bound: the restricted problem has no point)."""
+) -> RejectCertificate | AcceptCertificate | None:
+    """A point that rejects `token` (support, q on the support, bound of ||sum_j q_j a_j||_1; the support
+    holds `token` itself with q = -p_token), or an accept certificate found on the way; None when
+    `iterations` Newton iterations end with neither, or when the residual stops shrinking.
+
+    Where no point exists, phi grows without bound along the iterates, and c = A lam tends to an accept
+    certificate: psi_j is within p_j / 2 of p_j rho, so once phi(lam) exceeds half the working set's mass,
+    lam (scaled to c_i = 1) has value above zero on the set. Each iterate is therefore also tried as one,
+    with its constant re-chosen, and proven over the vocabulary like the regression's (search.prove_pair)."""
     step = working.step
     z = working.least_squares(token)
     if z is None or iterations <= 0:
         return None
     p_i = float(step.p[token])
     a_i = step.augmented_rows(np.array([token]))[0]
-    limit = tol * p_i * float(np.abs(a_i).sum())
+    accept_limit = tol * float(np.abs(a_i).sum())
+    limit = p_i * accept_limit
     tokens, A, w = working.without(token)
     box = _Box(w, step.tprime, p_i * a_i)
     lam = p_i * z
@@ -127,6 +138,8 @@ def feasible_point(
         size = float(np.abs(residual).sum())
         if size <= 0.5 * limit and (found := _checked_point(token, p_i, tokens, A, q, a_i, limit)) is not None:
             return found
+        if (accept := _accept_along(step, token, lam, a_i, accept_limit)) is not None:
+            return accept
         stalled = 0 if size < 0.9 * best else stalled + 1
         best = min(best, size)
         if stalled >= 6 or size > 100 * best:
@@ -136,6 +149,15 @@ def feasible_point(
             return None
         lam, c, value = box.line_search(lam, c, value, direction, A @ direction, float(residual @ direction))
     return None
+
+
+def _accept_along(step: Step, token: int, lam: np.ndarray, a_i: np.ndarray, limit: float) -> AcceptCertificate | None:
+    """The dual iterate lam as an accept certificate of `token`, proven over the vocabulary, or None."""
+    c_i = float(a_i @ lam)
+    if not c_i > 0:
+        return None
+    found, _ = prove_pair(step, with_best_offsets(step, (lam / c_i)[:, None], token), token, limit)
+    return None if found is None else AcceptCertificate(token, *found)
 
 
 class _Box:
@@ -195,4 +217,4 @@ def _checked_point(
     residual_l1 = float(np.abs(residual).sum() + gamma * magnitude.sum()) * (1.0 + 4 * len(a_i) * U64)
     if not residual_l1 <= limit:
         return None
-    return np.append(tokens[support], token), np.append(q[support], -p_i), residual_l1
+    return RejectCertificate(token, np.append(tokens[support], token), np.append(q[support], -p_i), residual_l1)

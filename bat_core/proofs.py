@@ -79,18 +79,22 @@ class ProofSearch:
         return Decision(search.token, True, "certificate", AcceptCertificate(search.token, *found))
 
     def _feasible_point(self, step: Step, token: int, sizes: list[int]) -> Decision | None:
-        """A reject by a feasible point on the working sets of `sizes` tokens in turn, or None."""
+        """A reject by a feasible point on the working sets of `sizes` tokens in turn, or an accept that a
+        search's dual iterate proves on the way (feasible.py), or None."""
         for columns in sizes:
             if not self.clock.left():
                 return None
             found = feasible_point(
                 self._working_set(step, columns), token, self.config.tol, self.config.point_iterations
             )
+            if isinstance(found, AcceptCertificate):
+                self.certificates.remember(found.y)
+                self.stats.accepted_by("point-search")
+                return Decision(token, True, "certificate", found)
             if found is not None:
-                point = RejectCertificate(token, *found)
-                self.points.append(("certificate", point))
+                self.points.append(("certificate", found))
                 self.stats.rejected_by_point += 1
-                return Decision(token, False, "certificate", point)
+                return Decision(token, False, "certificate", found)
         return None
 
     def _working_set(self, step: Step, columns: int) -> WorkingSet:

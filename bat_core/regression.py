@@ -18,7 +18,7 @@ import numpy as np
 
 from .certify import costliest_tokens, regression_weights, rho
 from .feasible import WorkingSet, solve_ridged, weighted_gram
-from .search import with_best_offsets
+from .search import prove_pair, with_best_offsets
 
 
 class RegressionSearch:
@@ -78,17 +78,11 @@ class RegressionSearch:
         if y is None:
             self.failed = True
             return None
-        # one product over the vocabulary per iterate: it proves (the candidates are +y and -y with other
-        # constants, so -u32 is the product of -y) and it picks the tokens that join the set
-        u32 = None
+        # one product over the vocabulary per iterate: it proves, and it picks the tokens that join the set
         candidates = with_best_offsets(step, y[:, None], token)  # columns +y, -y
-        ranking = step.head_values(candidates, token)
-        best = int(np.argmax(ranking))
-        if ranking[best] > self.limit:  # the tail only lowers the value: otherwise no product can prove it
-            u32 = step.basis.matvec(y[:d])
-            value = step.full_value(candidates[:, best], token, u32=u32 if best == 0 else -u32)
-            if value > self.limit:
-                return candidates[:, best].copy(), value
+        found, u32 = prove_pair(step, candidates, token, self.limit)
+        if found is not None:
+            return found
         if u32 is None and (self.size < self.max_columns or self.iterations == 1):
             u32 = step.basis.matvec(y[:d])
         if self.iterations == 1:

@@ -125,6 +125,22 @@ def with_best_offsets(step: Distribution, Y: np.ndarray, token: int, u: np.ndarr
     return out
 
 
+def prove_pair(
+    step: Step, pair: np.ndarray, token: int, limit: float
+) -> tuple[tuple[np.ndarray, float] | None, np.ndarray | None]:
+    """Prove or discard the better of `pair` (the columns +y, -y of `with_best_offsets`) as an accept
+    certificate of `token`: ((y, value), u32) when certify.py proves it over the whole vocabulary, else
+    (None, u32). u32 = W y_w of the first column in float32 (-u32 is the second's), made only when the
+    head's value is above `limit` (the tail only lowers it, so otherwise no product can prove it); else None."""
+    ranking = step.head_values(pair, token)
+    best = int(np.argmax(ranking))
+    if not ranking[best] > limit:
+        return None, None
+    u32 = step.basis.matvec(pair[: step.basis.hidden_size, 0])
+    value = step.full_value(pair[:, best], token, u32=u32 if best == 0 else -u32)
+    return ((pair[:, best].copy(), value) if value > limit else None), u32
+
+
 class CertificateSearch:
     """A request's certificate candidates, each proven or discarded by certify.py: the step's least-squares
     directions (kept for the step's later candidates: the sampler's redraws after a reject) and the

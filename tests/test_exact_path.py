@@ -2,8 +2,9 @@
 
 tests/fixtures/hard_smollm2.npz holds SmolLM2 candidates that certificate search alone leaves unproven
 (benchmarks/hard_candidates.py): sampler draws and tail tokens at eta 0.0009, eta 0.02 and tau 0.1, each
-stored as a hidden state h (the distribution is softmax(W h)), a token and its threshold setting. The last two
-(eta 0.02, tail) are rejects whose feasible point only the Newton search on 8,192 tokens finds.
+stored as a hidden state h (the distribution is softmax(W h)), a token and its threshold setting. Rows 15-16
+(eta 0.02, tail) are rejects whose feasible point only the Newton search on 8,192 tokens finds; rows 17-20
+(from bench_hard_tail.py's collection) are accepts that the feasible-point search's dual iterate proves.
 """
 
 import threading
@@ -74,6 +75,18 @@ def test_the_exact_default_proves_every_hard_candidate(basis, cases, layer):
                 assert ref.accepted == decision.accepted, name
                 compared += 1
     assert compared >= 1, "the reference finished on none of its two cases within 60 s"
+
+
+def test_the_point_search_proves_the_accepts_its_dual_iterate_meets(basis, cases):
+    """Rows 17-20 are accepts whose first regression iterate looks like a reject (cost ratio above
+    1 / sqrt(tau')), so the feasible-point search runs before the rest of the regression: no point exists,
+    and the search's dual iterate is proven as an accept certificate over the vocabulary on the way (the
+    test above verifies every fixture certificate with independent code)."""
+    config = bat_core.BatConfig.for_generation(60.0)
+    for case in cases[17:21]:
+        decision, stats, _ = decide(basis, case, config)
+        assert decision.accepted and decision.method == "certificate", case[3]
+        assert stats.accepts_by_source == {"point-search": 1} and stats.rejected_by_point == 0, (case[3], stats)
 
 
 def busy(stop: threading.Event) -> None:
