@@ -35,10 +35,14 @@ from .decisions import AcceptCertificate, RejectCertificate
 from .search import prove_pair, with_best_offsets
 
 
-def weighted_gram(A: np.ndarray, weights: np.ndarray) -> np.ndarray:
+def weighted_gram(A: np.ndarray, weights: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
     """A' diag(weights) A for nonnegative weights, as S'S with S = diag(sqrt(weights)) A (BLAS's symmetric
-    rank-k update)."""
-    S = A * np.sqrt(weights)[:, None]
+    rank-k update); with `rows` (a boolean mask), over those rows only, from one copy of them."""
+    if rows is None:
+        S = A * np.sqrt(weights)[:, None]
+    else:
+        S = A[rows]
+        S *= np.sqrt(weights[rows])[:, None]
     return np.dot(S.T, S)
 
 
@@ -72,11 +76,18 @@ class WorkingSet:
         self.weights = p[self.tokens]
         self.gram = weighted_gram(self.A, self.weights)
         self._least_squares: tuple[int, np.ndarray | None] | None = None  # the last token's, asked for twice
+        self._row_l1: np.ndarray | None = None
 
     def position(self, token: int) -> int | None:
         """The row of `token` in the working set, or None when it is not in it."""
         pos = int(np.searchsorted(self.tokens, token))
         return pos if pos < len(self.tokens) and self.tokens[pos] == token else None
+
+    def row_l1_without(self, token: int) -> np.ndarray:
+        """||a_j||_1 of the rows, `token` left out (as `without`), for the feasible points' rounding bound."""
+        if self._row_l1 is None:
+            self._row_l1 = np.abs(self.A).sum(axis=1)
+        return self._row_l1[self.tokens != token]
 
     def without(self, token: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(tokens, A, weights) with `token` left out."""
@@ -136,8 +147,10 @@ def feasible_point(
         q = box.point(c)
         residual = box.b - A.T @ q
         size = float(np.abs(residual).sum())
-        if size <= 0.5 * limit and (found := _checked_point(token, p_i, tokens, A, q, a_i, limit)) is not None:
-            return found
+        if size <= 0.5 * limit:
+            found = _checked_point(token, p_i, a_i, tokens, working.row_l1_without(token), q, residual, limit)
+            if found is not None:
+                return found
         if (accept := _accept_along(step, token, lam, a_i, accept_limit)) is not None:
             return accept
         stalled = 0 if size < 0.9 * best else stalled + 1
@@ -195,26 +208,35 @@ def _free_gram(working: WorkingSet, token: int, A: np.ndarray, w: np.ndarray, fr
     that the subtraction cancels nothing the free part needs), else directly."""
     out = ~free
     if out.sum() < 0.4 * len(free) and w[out].sum() <= 1e-3 * w.sum():
-        H = working.gram - weighted_gram(A[out], w[out])
+        H = working.gram - weighted_gram(A, w, out)
         pos = working.position(token)
         if pos is not None:
             H -= working.weights[pos] * np.outer(working.A[pos], working.A[pos])
         return H
-    return weighted_gram(A[free], w[free])
+    return weighted_gram(A, w, free)
 
 
 def _checked_point(
-    token: int, p_i: float, tokens: np.ndarray, A: np.ndarray, q: np.ndarray, a_i: np.ndarray, limit: float
-):
-    """The point's residual ||sum_j q_j a_j - p_i a_i||_1 with a rigorous float64 bound, or None when that
-    bound is above `limit`."""
-    support = np.flatnonzero(q)
-    residual = A[support].T @ q[support] - p_i * a_i
-    # each entry is a float64 sum of len(support) + 1 products: error <= gamma * the sum of |terms|
-    n = len(support) + 2
+    token: int,
+    p_i: float,
+    a_i: np.ndarray,
+    tokens: np.ndarray,
+    row_l1: np.ndarray,
+    q: np.ndarray,
+    residual: np.ndarray,
+    limit: float,
+) -> RejectCertificate | None:
+    """The point q on `tokens` (whose rows have L1 norms `row_l1`) with a rigorous float64 bound of its
+    residual ||sum_j q_j a_j - p_i a_i||_1, from `residual` = p_i a_i - A'q as computed (each entry one float64
+    sum over all of `tokens`); None when that bound is above `limit`."""
+    d1 = len(a_i)
+    # each entry is a float64 sum of len(q) + 1 products (the zeros of q add exact zeros): its error is at most
+    # gamma times the sum of |terms|, and those sums total sum_j |q_j| ||a_j||_1 + p_i ||a_i||_1 (rounded up)
+    n = len(q) + 2
     gamma = n * U64 / (1.0 - n * U64)
-    magnitude = np.abs(A[support]).T @ np.abs(q[support]) + p_i * np.abs(a_i)
-    residual_l1 = float(np.abs(residual).sum() + gamma * magnitude.sum()) * (1.0 + 4 * len(a_i) * U64)
+    magnitude = float(np.abs(q) @ row_l1 + p_i * np.abs(a_i).sum()) / (1.0 - (n + d1 + 2) * U64)
+    residual_l1 = float(np.abs(residual).sum() + gamma * magnitude) * (1.0 + 4 * d1 * U64)
     if not residual_l1 <= limit:
         return None
+    support = np.flatnonzero(q)
     return RejectCertificate(token, np.append(tokens[support], token), np.append(q[support], -p_i), residual_l1)
