@@ -4,6 +4,8 @@ safety net's clock."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -70,9 +72,21 @@ class BatStats:
     fallback_reasons: dict[str, int] = field(default_factory=dict)
     # least-squares | reweighted | cache | regression | point-search | search-k | lp
     accepts_by_source: dict[str, int] = field(default_factory=dict)
+    # seconds inside each stage of the exact path, whatever it proved: certificate-search | cache | regression |
+    # point-search | search-lp | lp (docs/core.md, "The exact path"); where a request's BAT time goes
+    seconds_by_stage: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @contextmanager
+    def timing(self, stage: str) -> Iterator[None]:
+        """Add the seconds of the enclosed work to `seconds_by_stage[stage]`."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds_by_stage[stage] = self.seconds_by_stage.get(stage, 0.0) + time.perf_counter() - start
 
     def accepted_by(self, source: str) -> None:
         self.accepts_by_source[source] = self.accepts_by_source.get(source, 0) + 1

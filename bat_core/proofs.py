@@ -51,8 +51,9 @@ class ProofSearch:
         for t in (int(t) for t in pending):
             regression = decision = None
             if cfg.regression_iterations:
-                working = self._working_set(step, cfg.regression_start)
-                regression = RegressionSearch(working, t, cfg.tol, cfg.regression_grow, cfg.regression_columns)
+                with self.stats.timing("regression"):
+                    working = self._working_set(step, cfg.regression_start)
+                    regression = RegressionSearch(working, t, cfg.tol, cfg.regression_grow, cfg.regression_columns)
                 decision = self._regression(regression, 1)
             likely_reject = regression is None or regression.cost_ratio * np.sqrt(step.tprime) > cfg.point_first_ratio
             if decision is None and likely_reject:
@@ -71,7 +72,8 @@ class ProofSearch:
 
     def _regression(self, search: RegressionSearch, iterations: int) -> Decision | None:
         """An accept by `iterations` more rounds of the reweighted regression, or None."""
-        found = search.run(iterations, self.clock.deadline)
+        with self.stats.timing("regression"):
+            found = search.run(iterations, self.clock.deadline)
         if found is None:
             return None
         self.certificates.remember(found[0])
@@ -84,9 +86,10 @@ class ProofSearch:
         for columns in sizes:
             if not self.clock.left():
                 return None
-            found = feasible_point(
-                self._working_set(step, columns), token, self.config.tol, self.config.point_iterations
-            )
+            with self.stats.timing("point-search"):
+                found = feasible_point(
+                    self._working_set(step, columns), token, self.config.tol, self.config.point_iterations
+                )
             if isinstance(found, AcceptCertificate):
                 self.certificates.remember(found.y)
                 self.stats.accepted_by("point-search")

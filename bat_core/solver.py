@@ -153,25 +153,29 @@ class BatSolver:
 
     def _decide_below_tau(self, step: Step, pending: np.ndarray) -> dict[int, Decision]:
         """The stages in order (docs/core.md, "The exact path"), each on what the previous ones left."""
-        cfg, clock = self.config, self._clock
+        cfg, clock, timing = self.config, self._clock, self.stats.timing
         out: dict[int, Decision] = {}
-        pending = self._certificates.prove_by_least_squares(step, pending, out)
+        with timing("certificate-search"):
+            pending = self._certificates.prove_by_least_squares(step, pending, out)
         if not len(pending) or cfg.time_budget == 0:
             return {**out, **{int(t): self.stats.fallback(int(t), "certificate search only") for t in pending}}
         iterations_left = {int(t): int(cfg.lp_iterations) for t in pending}  # simplex iterations: the LPs' budget
         # recent certificates only here: ranked on every decision they cost time and proved nothing more
         if clock.left():
-            pending = self._certificates.prove_by_recent(step, pending, out)
+            with timing("cache"):
+                pending = self._certificates.prove_by_recent(step, pending, out)
         if len(pending) and clock.left():
-            pending = self._proofs.prove(step, pending, out)
+            pending = self._proofs.prove(step, pending, out)  # times its regression and point searches
         for k in cfg.search_levels:
             if not len(pending) or k >= self.basis.hidden_size or not clock.left():
                 break
-            Y = self._lps.reduced_accepts(step, pending, k, iterations_left)
-            if Y is not None:
-                pending = self._certificates.prove_by(step, pending, Y, [f"search-{k}"] * Y.shape[1], out)
+            with timing("search-lp"):
+                Y = self._lps.reduced_accepts(step, pending, k, iterations_left)
+                if Y is not None:
+                    pending = self._certificates.prove_by(step, pending, Y, [f"search-{k}"] * Y.shape[1], out)
         for t in (int(t) for t in pending):
-            out[t] = self._lps.exact(step, t, iterations_left)
+            with timing("lp"):
+                out[t] = self._lps.exact(step, t, iterations_left)
             if out[t].method == "lp" and not out[t].accepted:
                 self._proofs.points.append(("lp", out[t].certificate))  # it may reject the step's later candidates too
         return out

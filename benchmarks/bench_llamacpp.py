@@ -116,9 +116,12 @@ def main() -> int:
     cores = [r["bat"]["core"] for r in runs]
     sub_tau = sum(c["candidates"] - c["by_threshold"] for c in cores)
     sources: dict[str, int] = {}
+    stage_seconds: dict[str, float] = {}
     for c in cores:
         for k, v in c.get("accepts_by_source", {}).items():
             sources[k] = sources.get(k, 0) + v
+        for k, v in c.get("seconds_by_stage", {}).items():
+            stage_seconds[k] = stage_seconds.get(k, 0.0) + v
     summary = {
         "model": path,
         "vocab": bat.basis.vocab_size,
@@ -138,6 +141,7 @@ def main() -> int:
         "accepted_below_tau": int(total("bat", "below_tau")),
         "fallbacks": int(sum(c["fallbacks"] for c in cores)),
         "accepts_by_source": sources,
+        "seconds_by_stage": stage_seconds,
         "mask_accepted_below_tau": int(total("bat", "mask_accepted_below_tau")),
         "mask_undecided_mass_per_token": total("bat", "mask_undecided_mass") / total("bat", "tokens"),
         "prepare_seconds": prepare_s,
@@ -162,6 +166,10 @@ def main() -> int:
         f"sub-threshold decisions {sub_tau}, accepted {summary['accepted_below_tau']}, fallbacks "
         f"{summary['fallbacks']}, "
         f"accepts by source {sources}"
+    )
+    print(
+        "decision time by stage (s): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in sorted(stage_seconds.items(), key=lambda kv: -kv[1]))
     )
     if args.mode == "mask":
         print(

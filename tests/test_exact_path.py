@@ -87,6 +87,10 @@ def test_the_point_search_proves_the_accepts_its_dual_iterate_meets(basis, cases
         decision, stats, _ = decide(basis, case, config)
         assert decision.accepted and decision.method == "certificate", case[3]
         assert stats.accepts_by_source == {"point-search": 1} and stats.rejected_by_point == 0, (case[3], stats)
+        # the stages it went through, timed, within the decision's own time
+        stages = stats.seconds_by_stage
+        assert {"certificate-search", "regression", "point-search"} <= set(stages), stages
+        assert all(v > 0 for v in stages.values()) and sum(stages.values()) <= stats.seconds
 
 
 def busy(stop: threading.Event) -> None:
