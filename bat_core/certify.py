@@ -25,6 +25,7 @@ Both y and -y are tried (the sign of a dual ray is a convention of the solver th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -185,19 +186,54 @@ class HeadBounds(Distribution):
         return 4 * (self.basis.vocab_size + kept) * U64
 
 
+class ProductMemo:
+    """W y_w in float32 (Basis.matvec) for the last few vectors y_w: the product does not depend on the step, and
+    a certificate proven by one check is applied to the whole vocabulary next (mask mode), and again at the
+    request's later steps (its recent certificates). Any float32 product of W and the float32 y_w meets the
+    rounding bounds, so a kept one serves as well as a new one."""
+
+    def __init__(self, basis: Any, capacity: int = 2) -> None:
+        self.basis, self.capacity = basis, capacity
+        self._kept: dict[bytes, np.ndarray] = {}  # oldest first
+
+    def product(self, y_w: np.ndarray, known: np.ndarray | None = None) -> np.ndarray:
+        """The product, from the memo, from `known` (a float32 product the caller made), or made now."""
+        y32 = np.asarray(y_w, dtype=np.float32)
+        key = y32.tobytes()
+        u = self._kept.pop(key, None) if known is None else known
+        if u is None:
+            u = self.basis.matvec(y32)
+        u.flags.writeable = False  # shared by later checks
+        self._kept[key] = u
+        while len(self._kept) > self.capacity:
+            del self._kept[next(iter(self._kept))]
+        return u
+
+    def clear(self) -> None:
+        self._kept.clear()
+
+
 @dataclass(eq=False)
 class Step(HeadBounds):
     """One step's distribution with every bound a decision uses, the last ones with one float32 product over
     the vocabulary and its rigorous rounding bound."""
 
     vocabulary_products: int = field(default=0, init=False)  # full_value checks that made a product over the vocabulary
+    # the request's memo of products over the vocabulary (BatSolver.new_step), or one of this step alone
+    products: ProductMemo | None = field(default=None, init=False, repr=False)
+
+    def product(self, y_w: np.ndarray, known: np.ndarray | None = None) -> np.ndarray:
+        """W y_w in float32 through the memo (`ProductMemo.product`)."""
+        if self.products is None:
+            self.products = ProductMemo(self.basis)
+        return self.products.product(y_w, known)
 
     def full_products(self, Y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(c, err) over the whole vocabulary from one float32 product, with a rigorous error bound."""
         d = self.basis.hidden_size
         Y32 = np.asarray(Y[:d], dtype=np.float32)
         if Y.shape[1] <= 4:  # OpenBLAS's sgemm with a few columns is slower than the matching sgemv calls
-            u = np.column_stack([self.basis.matvec(Y32[:, m]) for m in range(Y.shape[1])])
+            u = np.column_stack([self.product(Y32[:, m]) for m in range(Y.shape[1])])
         else:
             u = self.basis.W @ np.ascontiguousarray(Y32)
         s = np.ones(self.basis.vocab_size) if self.scale is None else self.scale
@@ -250,8 +286,7 @@ class Step(HeadBounds):
             best = value(tuple(float(rho(np.array(sign * y0), tp)) * tail_mass + float(spread[0]) for sign in (1, -1)))
             if best > enough:
                 return best
-        if u32 is None:
-            u32 = self.basis.matvec(y[:d])
+        u32 = self.product(y[:d], u32)
         weight = p.copy()
         weight[exact] = 0.0
         self.vocabulary_products += 1

@@ -84,7 +84,7 @@ class RegressionSearch:
         if found is not None:
             return found
         if u32 is None and (self.size < self.max_columns or self.iterations == 1):
-            u32 = step.basis.matvec(y[:d])
+            u32 = step.product(y[:d])
         if self.iterations == 1:
             self.cost_ratio = _cost_ratio(step, token, u32, float(candidates[d, 0]))
         if self.size < self.max_columns:

@@ -136,7 +136,7 @@ def prove_pair(
     best = int(np.argmax(ranking))
     if not ranking[best] > limit:
         return None, None
-    u32 = step.basis.matvec(pair[: step.basis.hidden_size, 0])
+    u32 = step.product(pair[: step.basis.hidden_size, 0])
     value = step.full_value(pair[:, best], token, u32=u32 if best == 0 else -u32)
     return ((pair[:, best].copy(), value) if value > limit else None), u32
 

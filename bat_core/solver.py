@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from .basis import Basis
-from .certify import Step
+from .certify import ProductMemo, Step
 from .config import BatConfig
 from .decisions import AcceptCertificate, BatStats, Clock, Decision, RejectCertificate
 from .errors import BatError
@@ -51,6 +51,8 @@ class BatSolver:
         self._proofs = ProofSearch(self.config, self.stats, self._clock, self._certificates)
         self._lps = LinearPrograms(basis, self.config, self.stats, self._clock, self._certificates)
         self._parent_step: tuple[Step, Step] | None = None  # (step, the same distribution on the full W)
+        # products over the vocabulary, kept across steps: the recent certificates' and the last few checks'
+        self._products = ProductMemo(basis, capacity=self.config.cache_size + 2)
 
     # ------------------------------------------------------------------ steps
     def new_step(self, logits: Any, tau: Any) -> Step:
@@ -62,6 +64,7 @@ class BatSolver:
         ):
             raise BatError(f"tau={tau!r} must lie strictly between 0 and 1")
         step = Step.build(self.basis, logits, tau, head_size=self.config.head_size)
+        step.products = self._products
         self._lps.step_id += 1
         self._certificates.new_step()
         self._proofs.new_step()
@@ -75,6 +78,7 @@ class BatSolver:
     def forget_certificates(self) -> None:
         """Drop the recent certificates, so that later decisions do not depend on earlier steps."""
         self._certificates.recent.clear()
+        self._products.clear()
 
     def proven_tokens(self, step: Step, Y: np.ndarray) -> np.ndarray:
         """The tokens that some column of Y (certificates for the full [W, 1]) proves: bool, length v."""

@@ -164,3 +164,31 @@ def test_allowed_tokens_restrict_sampling_and_masks():
         bat_core.BatSampler(basis, rule).sample(rows[0], allowed=np.zeros(basis.vocab_size, dtype=bool))
     with pytest.raises(bat_core.BatError, match="boolean mask"):
         bat_core.BatSampler(basis, rule).sample(rows[0], allowed=np.ones(3, dtype=bool))
+
+
+def test_the_product_memo_gives_the_products_a_new_matvec_would():
+    """Products over the vocabulary are kept per request (ProductMemo): a kept one equals a fresh float32
+    product bit for bit, cannot be written to, and the oldest go first; masks with the memo shared across a
+    request's steps equal masks made with the memo emptied before each step."""
+    from bat_core.certify import ProductMemo
+
+    rng = np.random.default_rng(3)
+    W, _ = random_case(rng, "plain")
+    basis = bat_core.Basis(W)
+    memo = ProductMemo(basis, capacity=2)
+    ys = [rng.standard_normal(basis.hidden_size) for _ in range(3)]
+    first = memo.product(ys[0])
+    assert np.array_equal(first, basis.matvec(ys[0].astype(np.float32))) and not first.flags.writeable
+    assert memo.product(ys[0]) is first  # kept
+    memo.product(ys[1])
+    memo.product(ys[2])  # ys[0] goes: capacity 2
+    assert memo.product(ys[0]) is not first and np.array_equal(memo.product(ys[0]), first)
+
+    rule = bat_core.ThresholdRule("eta", 0.02)
+    rows = [rng.standard_normal(len(W)) * 3 for _ in range(6)]
+    shared = bat_core.BatSampler(basis, rule, seed=0)
+    fresh = bat_core.BatSampler(basis, rule, seed=0)
+    for z in rows:
+        fresh.solver._products.clear()  # nothing kept from the request's earlier steps
+        a, b = shared.mask(z), fresh.mask(z)
+        assert np.array_equal(a.mask, b.mask) and a.undecided_mass == b.undecided_mass
