@@ -24,6 +24,7 @@ Both y and -y are tried (the sign of a dual ray is a convention of the solver th
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -190,27 +191,42 @@ class ProductMemo:
     """W y_w in float32 (Basis.matvec) for the last few vectors y_w: the product does not depend on the step, and
     a certificate proven by one check is applied to the whole vocabulary next (mask mode), and again at the
     request's later steps (its recent certificates). Any float32 product of W and the float32 y_w meets the
-    rounding bounds, so a kept one serves as well as a new one."""
+    rounding bounds, so a kept one serves as well as a new one.
+
+    The products live in one [capacity, v] block of its own pages, mapped at the first product and unmapped
+    with the memo: long-lived arrays from malloc would stay in a serving process's heap after the request ends
+    (docs/vllm.md). Callers get a copy, so no later product overwrites what they hold."""
 
     def __init__(self, basis: Any, capacity: int = 2) -> None:
         self.basis, self.capacity = basis, capacity
-        self._kept: dict[bytes, np.ndarray] = {}  # oldest first
+        self._rows: np.ndarray | None = None
+        self._row_of: dict[bytes, int] = {}  # y_w's float32 bytes -> its row of _rows, oldest first
 
     def product(self, y_w: np.ndarray, known: np.ndarray | None = None) -> np.ndarray:
         """The product, from the memo, from `known` (a float32 product the caller made), or made now."""
-        y32 = np.asarray(y_w, dtype=np.float32)
+        y32 = np.ascontiguousarray(y_w, dtype=np.float32)
         key = y32.tobytes()
-        u = self._kept.pop(key, None) if known is None else known
-        if u is None:
-            u = self.basis.matvec(y32)
-        u.flags.writeable = False  # shared by later checks
-        self._kept[key] = u
-        while len(self._kept) > self.capacity:
-            del self._kept[next(iter(self._kept))]
-        return u
+        row = self._row_of.pop(key, None)
+        if row is None:
+            row = self._free_row()
+            if known is None:
+                self.basis.matvec(y32, out=self._rows[row])
+            else:
+                self._rows[row] = known
+        self._row_of[key] = row
+        return self._rows[row].copy()
+
+    def _free_row(self) -> int:
+        """A row of the block for a new product: an unused one, else the oldest product's."""
+        if self._rows is None:
+            pages = mmap.mmap(-1, self.capacity * self.basis.vocab_size * 4)
+            self._rows = np.frombuffer(pages, dtype=np.float32).reshape(self.capacity, self.basis.vocab_size)
+        if len(self._row_of) < self.capacity:
+            return min(set(range(self.capacity)) - set(self._row_of.values()))
+        return self._row_of.pop(next(iter(self._row_of)))
 
     def clear(self) -> None:
-        self._kept.clear()
+        self._row_of.clear()
 
 
 @dataclass(eq=False)

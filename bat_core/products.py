@@ -71,15 +71,18 @@ class MatrixProducts:
                     self._q8 = Q8Rows.of(self.W)
         return self._q8
 
-    def matvec(self, y: np.ndarray) -> np.ndarray:
+    def matvec(self, y: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """W @ y in float32 over the whole vocabulary, split by rows over worker threads: on int8 rows
         where W is Q8_0 (a quarter of the bytes to read), else numpy's float32 product, or on
-        set_matvec_device's device. All three stay within certify.py's rounding bound."""
+        set_matvec_device's device. All three stay within certify.py's rounding bound. `out`: a
+        contiguous float32 vector of length v to write it into."""
         y = np.ascontiguousarray(y, dtype=np.float32)
+        if out is None:
+            out = np.empty(self.vocab_size, dtype=np.float32)
         if self._device_W is not None:
-            return self._device_product(y)
+            out[:] = self._device_product(y)
+            return out
         q8 = None if self._host_numpy else self._q8_rows()
-        out = np.empty(self.vocab_size, dtype=np.float32)
 
         def work(start: int, stop: int) -> None:
             if q8 is not None:

@@ -21,6 +21,7 @@ Accept certificates are therefore always vectors for [W, 1] of the full model.
 from __future__ import annotations
 
 import time
+import weakref
 from typing import Any
 
 import numpy as np
@@ -38,11 +39,21 @@ from .thresholds import ThresholdRule
 __all__ = ["AcceptCertificate", "BatSolver", "BatStats", "Decision", "RejectCertificate"]
 
 
+_live: weakref.WeakSet = weakref.WeakSet()
+
+
+def live_solvers() -> int:
+    """BatSolver objects alive in this process (one per request, with its products and certificates): for
+    leak checks."""
+    return len(_live)
+
+
 class BatSolver:
     """Exact BAT decisions for one request: its stages (certificate search, proof search, LPs, each with the
     state it keeps across candidates and steps) and its statistics."""
 
     def __init__(self, basis: Basis, config: BatConfig | None = None) -> None:
+        _live.add(self)
         self.basis = basis
         self.config = config or BatConfig()
         self.stats = BatStats()

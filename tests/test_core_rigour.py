@@ -2,6 +2,7 @@
 reduced bases proving their accepts on the full W, and the sampler's step-indexed, grammar-aware draws."""
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -168,21 +169,32 @@ def test_allowed_tokens_restrict_sampling_and_masks():
 
 def test_the_product_memo_gives_the_products_a_new_matvec_would():
     """Products over the vocabulary are kept per request (ProductMemo): a kept one equals a fresh float32
-    product bit for bit, cannot be written to, and the oldest go first; masks with the memo shared across a
-    request's steps equal masks made with the memo emptied before each step."""
+    product bit for bit and is not made again, the oldest go first, no later product changes one a caller
+    holds; masks with the memo shared across a request's steps equal masks made with the memo emptied
+    before each step."""
     from bat_core.certify import ProductMemo
 
     rng = np.random.default_rng(3)
     W, _ = random_case(rng, "plain")
     basis = bat_core.Basis(W)
-    memo = ProductMemo(basis, capacity=2)
+    made = []  # the products the memo made
+
+    def matvec(y, out):
+        made.append(y)
+        return basis.matvec(y, out)
+
+    memo = ProductMemo(SimpleNamespace(vocab_size=basis.vocab_size, matvec=matvec), capacity=2)
     ys = [rng.standard_normal(basis.hidden_size) for _ in range(3)]
     first = memo.product(ys[0])
-    assert np.array_equal(first, basis.matvec(ys[0].astype(np.float32))) and not first.flags.writeable
-    assert memo.product(ys[0]) is first  # kept
-    memo.product(ys[1])
-    memo.product(ys[2])  # ys[0] goes: capacity 2
-    assert memo.product(ys[0]) is not first and np.array_equal(memo.product(ys[0]), first)
+    assert np.array_equal(first, basis.matvec(ys[0].astype(np.float32)))
+    first[:] = 0.0  # a caller's copy: the kept product stays as it was
+    assert np.array_equal(memo.product(ys[0]), basis.matvec(ys[0].astype(np.float32))) and len(made) == 1
+    held = [memo.product(y) for y in ys[1:]]  # ys[0] goes: capacity 2
+    assert len(made) == 3 and np.array_equal(memo.product(ys[0]), basis.matvec(ys[0].astype(np.float32)))
+    assert len(made) == 4  # made again, into the row of the oldest (ys[1])
+    for y, u in zip(ys[1:], held):
+        assert np.array_equal(u, basis.matvec(y.astype(np.float32)))
+    assert np.array_equal(memo.product(ys[2]), held[1]) and len(made) == 4
 
     rule = bat_core.ThresholdRule("eta", 0.02)
     rows = [rng.standard_normal(len(W)) * 3 for _ in range(6)]

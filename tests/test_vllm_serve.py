@@ -24,7 +24,10 @@ LONG_PROMPT = " ".join(["The old harbour town kept its stories in the stones of 
 MODEL = "smollm2"
 THREADS = 16
 SOAK_REQUESTS = 320
-MEMORY_MARGIN_MB = 150  # the engine core's resident memory after the soak, against its level after warm-up
+# the engine core's resident memory after the soak, against its level after warm-up: the allocator keeps a
+# high-water mark that varies from run to run (+22 to +180 MB over 320 requests on unchanged code, 2026-12-07);
+# BAT's own objects are counted exactly (no solver or HiGHS model left alive)
+MEMORY_MARGIN_MB = 300
 
 
 @pytest.fixture(scope="module")
@@ -203,8 +206,9 @@ def run_job(client, job: dict) -> tuple[str, object]:
 @pytest.mark.slow
 def test_soak_of_mixed_concurrent_traffic(server):
     """At least 300 requests from 16 threads: every good request answered, every bad one refused with 400 naming
-    the setting; the server alive; the processor's request table empty and its HiGHS models freed; the engine's
-    memory back within a margin of its level after warm-up; seeded BAT requests re-sent alone reproduce."""
+    the setting; the server alive; the processor's request table empty, its solvers and HiGHS models freed;
+    the engine's memory back within a margin of its level after warm-up; seeded BAT requests re-sent alone
+    reproduce."""
     client = server["client"]
     warm = soak_jobs(2 * THREADS)
     with ThreadPoolExecutor(THREADS) as pool:
@@ -237,7 +241,7 @@ def test_soak_of_mixed_concurrent_traffic(server):
             assert status == "ok", (job, status, out)
             assert out if job["kind"] != "bat_n2" else all(out), (job, out)
     assert server["process"].poll() is None and healthy(server["base"])
-    assert after["active_requests"] == 0 and after["highs_models"] == 0
+    assert after["active_requests"] == 0 and after["highs_models"] == 0 and after["bat_solvers"] == 0
     # the budgeted requests reached the exact path's later stages (the least-squares proofs spend 50 ms before any
     # HiGHS model is built; the offline churn test checks that those are freed)
     assert after["totals"]["rejected_by_point"] > before["totals"].get("rejected_by_point", 0)

@@ -42,6 +42,7 @@ import bat_core
 from bat_core import BatError
 from bat_core.generation import GenerationCounts, kept_tokens, most_probable_token
 from bat_core.lp import live_models
+from bat_core.solver import live_solvers
 from bat_core.threads import usable_cores
 from bat_models import basis_for, check_model
 
@@ -183,21 +184,27 @@ class BatLogitsProcessor(LogitsProcessor):
         for index in batch_update.removed:
             self._retire(self.requests.pop(index, None))
         for index, params, _, output in batch_update.added:
-            self._retire(self.requests.pop(index, None))
-            state = self._start(params, output)
-            if state is not None:
-                self.requests[index] = state
+            self._add(index, params, output)
         for a, b, direction in batch_update.moved:
-            first, second = self.requests.pop(a, None), self.requests.pop(b, None)
-            if first is not None:
-                self.requests[b] = first
-            if direction == MoveDirectionality.SWAP:
-                if second is not None:
-                    self.requests[a] = second
-            else:
-                self._retire(second)  # a one-way move overwrites b
-        if self._stats_changed:
+            self._move(a, b, direction)
+        if self._stats_changed:  # no retired state is left in a local here: the stats count live solvers
             self._write_stats(force=not self.requests)
+
+    def _add(self, index: int, params: Any, output: list) -> None:
+        self._retire(self.requests.pop(index, None))
+        state = self._start(params, output)
+        if state is not None:
+            self.requests[index] = state
+
+    def _move(self, a: int, b: int, direction: MoveDirectionality) -> None:
+        first, second = self.requests.pop(a, None), self.requests.pop(b, None)
+        if first is not None:
+            self.requests[b] = first
+        if direction == MoveDirectionality.SWAP:
+            if second is not None:
+                self.requests[a] = second
+        else:
+            self._retire(second)  # a one-way move overwrites b
 
     def _start(self, params: Any, output: list) -> RequestState | None:
         """A new request's state; a request BAT cannot serve gets one without a sampler (it keeps its argmax)."""
@@ -241,13 +248,14 @@ class BatLogitsProcessor(LogitsProcessor):
         self.totals[key] = self.totals.get(key, 0) + amount
 
     def stats(self) -> dict[str, Any]:
-        """What an operator watches: BAT requests in the batch, HiGHS models alive in this process, the
-        decisions of the requests that left, BAT's share of the steps' time, and the BAT time of the costliest
-        request in the batch (a noisy neighbour)."""
+        """What an operator watches: BAT requests in the batch, HiGHS models and BAT solvers alive in this
+        process, the decisions of the requests that left, BAT's share of the steps' time, and the BAT time of
+        the costliest request in the batch (a noisy neighbour)."""
         busiest = max((state.bat_seconds for state in self.requests.values()), default=0.0)
         return {
             "active_requests": len(self.requests),
             "highs_models": live_models(),
+            "bat_solvers": live_solvers(),
             "refusal": self.refusal,
             "totals": dict(self.totals),
             "steps": self.step_times.as_dict(),
