@@ -329,6 +329,50 @@ class Step(HeadBounds):
         values, c_full = self.all_values(Y, exact, c, err, return_products=True)
         return values[:, candidates], c_full
 
+    def _values_on(self, p: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        """p_i lo_i - sum_(j != i) p_j rho_up_j for every token i and column, where c_j lies in [lo_j, hi_j]:
+        the unscaled lower bound of each column's value for token i."""
+        rho_up = _rho_upper(lo, hi, self.tprime)
+        rho_up *= p
+        # sum over j != i of p_j rho_j, rounded up: the float64 sum of v terms is within v*u of exact
+        total = rho_up.sum(axis=0) * (1.0 + 4 * self.basis.vocab_size * U64)
+        np.subtract(total[None, :], rho_up, out=rho_up)
+        value = p * lo
+        value -= rho_up
+        return value
+
+    def _compiled_values(
+        self, Y: np.ndarray, exact: np.ndarray, c_exact: np.ndarray, err_exact: np.ndarray
+    ) -> np.ndarray | None:
+        """`all_values` by the compiled library (q8.token_values), or None without it. The products are
+        the same float32 ones (through the memo); each token's interval is full_value's."""
+        if q8.kernel() is None:
+            return None
+        d, m = self.basis.hidden_size, Y.shape[1]
+        Y32 = np.asarray(Y[:d], dtype=np.float32)
+        if m <= 4:  # as in full_products: a few matching sgemv calls beat OpenBLAS's sgemm
+            u = np.stack([self.product(Y32[:, k]) for k in range(m)])
+        else:
+            u = np.ascontiguousarray((self.basis.W @ np.ascontiguousarray(Y32)).T)
+        slot = np.full(self.basis.vocab_size, -1, dtype=np.int32)
+        slot[exact] = np.arange(len(exact), dtype=np.int32)
+        g = float32_gamma(d) * np.linalg.norm(Y[:d], axis=0)
+        sum_slack = 1.0 + 4 * self.basis.vocab_size * U64
+        return q8.token_values(
+            u,
+            self.p,
+            self.basis.row_norm,
+            self.scale,
+            Y[d],
+            g,
+            self.tprime,
+            sum_slack,
+            slot,
+            c_exact,
+            err_exact,
+            np.abs(Y).max(axis=0),
+        )
+
     def all_values(
         self,
         Y: np.ndarray,
@@ -341,17 +385,16 @@ class Step(HeadBounds):
         if exact is None:
             exact = self.head
             c_exact, err_exact, _ = self.exact_products(exact, Y)
+        if not return_products:
+            compiled = self._compiled_values(Y, exact, c_exact, err_exact)
+            if compiled is not None:
+                return compiled
         c, err = self.full_products(Y)
         c[exact], err[exact] = c_exact, err_exact
         p = self.p[:, None]
-        best = np.full(c.shape, -np.inf)
-        for sign in (1.0, -1.0):
-            lo, hi = (c - err, c + err) if sign > 0 else (-c - err, -c + err)
-            rho_up = p * _rho_upper(lo, hi, self.tprime)
-            # sum over j != i of p_j rho_j, rounded up: the float64 sum of v terms is within v*u of exact
-            total = rho_up.sum(axis=0) * (1.0 + 4 * self.basis.vocab_size * U64)
-            value = p * lo - (total[None, :] - rho_up)
-            np.maximum(best, value, out=best)
+        lo, hi = c - err, c + err
+        best = self._values_on(p, lo, hi)
+        np.maximum(best, self._values_on(p, -hi, -lo), out=best)  # -y: c_j lies in [-hi_j, -lo_j]
         with np.errstate(divide="ignore", invalid="ignore"):
             out = best / (p * np.abs(Y).max(axis=0)[None, :])
         out[~np.isfinite(out)] = -np.inf

@@ -232,6 +232,13 @@ def _load():
     library.bat_tail_sums.argtypes = (
         [ctypes.c_void_p] * 4 + [ctypes.c_int64] + [ctypes.c_double] * 3 + [ctypes.c_void_p]
     )
+    library.bat_token_values.restype = None
+    library.bat_token_values.argtypes = (
+        [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+        + [ctypes.c_void_p] * 5
+        + [ctypes.c_double] * 2
+        + [ctypes.c_void_p] * 5
+    )
     return library, f"in use ({name})"
 
 
@@ -309,3 +316,60 @@ def value_sums(
         sums.ctypes.data,
     )
     return float(sums[0]), float(sums[1])
+
+
+def token_values(
+    u: np.ndarray,
+    p: np.ndarray,
+    norm: np.ndarray,
+    scale: np.ndarray | None,
+    y0: np.ndarray,
+    g: np.ndarray,
+    tprime: float,
+    sum_slack: float,
+    slot: np.ndarray,
+    c_exact: np.ndarray,
+    err_exact: np.ndarray,
+    denominator: np.ndarray,
+) -> np.ndarray | None:
+    """The compiled form of certify.py's `Step.all_values` (see bat_token_values in native/q8_matvec.c): [m, v]
+    lower bounds of each token's value under m certificates, or None without the compiled library. u: [m, v]
+    float32 products; slot: int32 [v], the row of c_exact / err_exact ([len(head), m]) of a head token, else -1."""
+    library = kernel()
+    if library is None:
+        return None
+    m, n = u.shape
+    u = np.ascontiguousarray(u, dtype=np.float32)
+    slot = np.ascontiguousarray(slot, dtype=np.int32)
+    p, norm, y0, g, c_exact, err_exact, denominator = (
+        np.ascontiguousarray(a, dtype=np.float64) for a in (p, norm, y0, g, c_exact, err_exact, denominator)
+    )
+    if scale is not None:
+        scale = np.ascontiguousarray(scale, dtype=np.float64)
+    if not (len(p) == len(norm) == len(slot) == n and len(y0) == len(g) == len(denominator) == m):
+        raise ValueError(
+            "token_values: p, norm and slot need one entry per token, y0, g and denominator one per column"
+        )
+    if c_exact.shape != err_exact.shape or c_exact.size != m * int((slot >= 0).sum()):
+        raise ValueError(
+            "token_values: c_exact and err_exact need one row per head token and one column per certificate"
+        )
+    out = np.empty((m, n))
+    library.bat_token_values(
+        u.ctypes.data,
+        n,
+        m,
+        p.ctypes.data,
+        norm.ctypes.data,
+        None if scale is None else scale.ctypes.data,
+        y0.ctypes.data,
+        g.ctypes.data,
+        tprime,
+        sum_slack,
+        slot.ctypes.data,
+        c_exact.ctypes.data,
+        err_exact.ctypes.data,
+        denominator.ctypes.data,
+        out.ctypes.data,
+    )
+    return out

@@ -21,6 +21,7 @@ stream and certificates carry over from step to step.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -225,8 +226,7 @@ class BatSampler:
         mask = (p >= state.tau) & permitted
         mask[top] = True
         rejected = np.zeros_like(mask)
-        below = np.flatnonzero(~mask & permitted)
-        below = below[np.argsort(-p[below], kind="stable")]
+        below = most_probable_first(p, np.flatnonzero(~mask & permitted))
         # certificates the request already holds may prove many tokens with one product
         cached = solver.cached_certificates()
         if cached:
@@ -236,10 +236,23 @@ class BatSampler:
         return _mask_result(state, mask, rejected, permitted, top)
 
 
+def most_probable_first(p: np.ndarray, tokens: np.ndarray, first: int = 256) -> Iterator[int]:
+    """`tokens` by decreasing p, ties by token id (a stable sort), sorted as they are reached: the `first`
+    most probable (and any tied with the last of them) by a partition, the rest only if asked for."""
+    q = p[tokens]
+    if len(q) > first:
+        kth = np.partition(q, len(q) - first)[len(q) - first]
+        head = np.flatnonzero(q >= kth)
+        yield from tokens[head[np.argsort(-q[head], kind="stable")]].tolist()
+        rest = np.flatnonzero(q < kth)
+        tokens, q = tokens[rest], q[rest]
+    yield from tokens[np.argsort(-q, kind="stable")].tolist()
+
+
 def _decide_in_order(
     solver: BatSolver,
     state: Step,
-    below: np.ndarray,
+    below: Iterator[int],
     mask: np.ndarray,
     rejected: np.ndarray,
     permitted: np.ndarray,
@@ -250,13 +263,11 @@ def _decide_in_order(
     an accept certificate proves every token it covers, a feasible point rejects every token it zeroes."""
     p = state.p
     tol = solver.config.tol * state.tolerance_scale(np.arange(len(p)))
-    cursor, tried = 0, 0
+    tried = 0
     while tried < limit and time.perf_counter() < deadline:
-        while cursor < len(below) and (mask[below[cursor]] or rejected[below[cursor]]):
-            cursor += 1
-        if cursor == len(below):
+        token = next((t for t in below if not (mask[t] or rejected[t])), None)
+        if token is None:
             break
-        token = int(below[cursor])
         tried += 1
         decision = solver.decide(state, [token], deadline=deadline)[0]
         cert = decision.certificate

@@ -4,7 +4,7 @@ import shutil
 
 import numpy as np
 import pytest
-from independent import exact_product_and_rounding_bound
+from independent import accept_value, augmented, exact_product_and_rounding_bound
 
 import bat_core
 from bat_core import q8
@@ -171,3 +171,35 @@ def test_compiled_value_pass_equals_numpys(monkeypatch, softcap):
         values[compiled] = [step.full_value(y, t) for y, t in certificates]
     assert np.allclose(values[True], values[False], rtol=1e-12, atol=1e-12)
     assert max(values[True]) > 0 > min(values[True]), values[True]
+
+
+@pytest.mark.skipif(not KERNEL_EXPECTED, reason="needs a C compiler and an AVX2 CPU")
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_compiled_token_values_equal_numpys_and_prove_only_true_accepts(monkeypatch, softcap):
+    """Step.all_values (every token's value under a few certificates, what mask mode proves tokens with),
+    compiled and in numpy, on 1, 3 and 6 certificates; each token the compiled values prove is checked by
+    the independent dense float64 value."""
+    from bat_core.certify import Step
+    from bat_core.search import WeightedLeastSquares
+
+    W = rng.normal(size=(5000, 32)).astype(np.float32)
+    basis = bat_core.Basis(W, softcap=softcap)
+    z = W @ rng.normal(size=32) * 3
+    step = Step.build(basis, np.tanh(z / softcap) * softcap if softcap else z, 0.05)
+    tokens = np.argsort(-step.p)[[3, 20, 50, 700, 2000, 4000]]
+    found = WeightedLeastSquares(step).directions(tokens)  # certificate candidates: some prove many tokens
+    A = augmented(W, step.scale)
+    proven, entries = 0, 0
+    for columns in ([0], [1, 2, 5], [0, 1, 2, 3, 4, 5]):
+        Y = found[:, columns]
+        compiled = step.all_values(Y)
+        with monkeypatch.context() as patch:
+            patch.setattr(q8, "token_values", lambda *args: None)
+            numpy_values = step.all_values(Y)
+        assert compiled.shape == (len(columns), 5000)
+        assert np.allclose(compiled, numpy_values, rtol=1e-12, atol=1e-12)
+        for k, token in zip(*np.nonzero(compiled > 0)):
+            assert accept_value(A, step.p, step.tau, int(token), Y[:, k]) >= compiled[k, token] * (1 - 1e-9)
+            proven += 1
+        entries += compiled.size
+    assert 0 < proven < entries, proven  # some tokens proven, not all

@@ -145,3 +145,16 @@ def test_block_gumbel_race_keeps_a_seeded_draw_under_small_changes_of_the_logits
             draws.append(BlockGumbelRace(p / p.sum()).draw(np.random.default_rng(trial)))
         changed += draws[0] != draws[1]
     assert changed < 0.01 * trials
+
+
+def test_mask_mode_takes_candidates_in_the_order_of_a_stable_sort():
+    """`most_probable_first` sorts lazily (a partition for the first few): the order is a stable sort's, ties
+    (here many, from rounded probabilities) by token id, past the partitioned head too."""
+    from bat_core.sampler import most_probable_first
+
+    rng = np.random.default_rng(10)
+    for v, first in ((50, 256), (2000, 16), (2000, 256), (5000, 1)):
+        p = np.round(rng.random(v), 2)
+        tokens = np.flatnonzero(rng.random(v) < 0.7)
+        expected = tokens[np.argsort(-p[tokens], kind="stable")]
+        assert list(most_probable_first(p, tokens, first)) == expected.tolist()

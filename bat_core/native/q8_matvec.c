@@ -5,6 +5,7 @@
  * fused multiply-adds and additions in a fixed tree, no reassociation flags), so the rounding bound of
  * certify.py, which holds for any summation order, covers it. Built at set-up with fixed flags, AVX2 + FMA
  * or AVX-512F on top (bat_core/q8.py, VARIANTS); without AVX2 numpy's product is used. */
+#include <math.h>
 #include <stdint.h>
 #include <immintrin.h>
 
@@ -150,4 +151,55 @@ void bat_tail_sums(const float *u, const double *weight, const double *norm, con
         add_value_terms((double)u[j], j, weight, norm, scale, y0, g, tprime, &plus, &minus);
     sums[0] = plus;
     sums[1] = minus;
+}
+
+/* token j's interval [lo, hi] around c_j for certificate column k: from its exact float64 products where
+ * slot[j] >= 0 (the head), else from the float32 product u as in add_value_terms */
+static void token_interval(const float *u, int64_t j, int64_t k, int64_t m, const double *norm, const double *scale,
+                           double y0, double g, const int32_t *slot, const double *c_exact, const double *err_exact,
+                           double *lo, double *hi) {
+    const double slack = 4.0 * 0x1p-53;
+    double c, err;
+    if (slot[j] >= 0) {
+        c = c_exact[slot[j] * m + k];
+        err = err_exact[slot[j] * m + k];
+    } else {
+        const double s = scale ? scale[j] : 1.0;
+        c = s * (double)u[j] + y0;
+        err = g * (s * norm[j]) + slack * (c < 0 ? -c : c);
+    }
+    *hi = c + err;
+    *lo = c - err;
+}
+
+/* Lower bounds of every token's value under m certificates (certify.py, Step.all_values), in two passes
+ * per certificate instead of two dozen numpy passes over [v, m] arrays. Certificate k: products u + k n,
+ * offset y0[k], rounding factor g[k], scale of its value denominator[k] (max |y|). With r+_j = p_j
+ * max(tprime hi_j, -lo_j), r-_j = p_j max(-tprime lo_j, hi_j) and T+-, their sums rounded up by sum_slack:
+ *   out[k n + i] = max(p_i lo_i - (T+ - r+_i), -p_i hi_i - (T- - r-_i)) / (p_i denominator[k]),
+ * -inf where that is not a finite number. */
+void bat_token_values(const float *u, int64_t n, int64_t m, const double *p, const double *norm, const double *scale,
+                      const double *y0, const double *g, double tprime, double sum_slack, const int32_t *slot,
+                      const double *c_exact, const double *err_exact, const double *denominator, double *out) {
+    for (int64_t k = 0; k < m; k++) {
+        const float *uk = u + k * n;
+        double plus = 0.0, minus = 0.0, lo, hi;
+        for (int64_t j = 0; j < n; j++) {
+            token_interval(uk, j, k, m, norm, scale, y0[k], g[k], slot, c_exact, err_exact, &lo, &hi);
+            plus += p[j] * (tprime * hi > -lo ? tprime * hi : -lo);
+            minus += p[j] * (-tprime * lo > hi ? -tprime * lo : hi);
+        }
+        plus *= sum_slack;
+        minus *= sum_slack;
+        for (int64_t i = 0; i < n; i++) {
+            token_interval(uk, i, k, m, norm, scale, y0[k], g[k], slot, c_exact, err_exact, &lo, &hi);
+            const double value_plus = p[i] * lo - (plus - p[i] * (tprime * hi > -lo ? tprime * hi : -lo));
+            const double value_minus = p[i] * -hi - (minus - p[i] * (-tprime * lo > hi ? -tprime * lo : hi));
+            const double best = value_plus != value_plus || value_minus != value_minus ? NAN
+                                 : value_plus > value_minus                            ? value_plus
+                                                                                       : value_minus;
+            const double value = best / (p[i] * denominator[k]);
+            out[k * n + i] = isfinite(value) ? value : -INFINITY;
+        }
+    }
 }
