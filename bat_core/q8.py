@@ -350,10 +350,8 @@ def token_values(
         raise ValueError(
             "token_values: p, norm and slot need one entry per token, y0, g and denominator one per column"
         )
-    if c_exact.shape != err_exact.shape or c_exact.size != m * int((slot >= 0).sum()):
-        raise ValueError(
-            "token_values: c_exact and err_exact need one row per head token and one column per certificate"
-        )
+    if c_exact.shape != err_exact.shape or c_exact.ndim != 2 or c_exact.shape[1] != m or slot.max() >= len(c_exact):
+        raise ValueError("token_values: c_exact and err_exact need a row for each slot and one column per certificate")
     out = np.empty((m, n))
     library.bat_token_values(
         u.ctypes.data,
