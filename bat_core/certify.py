@@ -221,8 +221,8 @@ class ProductMemo:
         if self._rows is None:
             pages = mmap.mmap(-1, self.capacity * self.basis.vocab_size * 4)
             self._rows = np.frombuffer(pages, dtype=np.float32).reshape(self.capacity, self.basis.vocab_size)
-        if len(self._row_of) < self.capacity:
-            return min(set(range(self.capacity)) - set(self._row_of.values()))
+        if len(self._row_of) < self.capacity:  # rows are taken in order and freed only all at once (clear)
+            return len(self._row_of)
         return self._row_of.pop(next(iter(self._row_of)))
 
     def clear(self) -> None:
@@ -244,14 +244,17 @@ class Step(HeadBounds):
             self.products = ProductMemo(self.basis)
         return self.products.product(y_w, known)
 
+    def products_of(self, Y: np.ndarray) -> np.ndarray:
+        """W y_w in float32 for each column y of Y: [m, v] (a view, not always contiguous)."""
+        Y32 = np.asarray(Y[: self.basis.hidden_size], dtype=np.float32)
+        if Y.shape[1] <= 4:  # OpenBLAS's sgemm with a few columns is slower than the matching sgemv calls
+            return np.stack([self.product(Y32[:, m]) for m in range(Y.shape[1])])
+        return (self.basis.W @ np.ascontiguousarray(Y32)).T
+
     def full_products(self, Y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(c, err) over the whole vocabulary from one float32 product, with a rigorous error bound."""
         d = self.basis.hidden_size
-        Y32 = np.asarray(Y[:d], dtype=np.float32)
-        if Y.shape[1] <= 4:  # OpenBLAS's sgemm with a few columns is slower than the matching sgemv calls
-            u = np.column_stack([self.product(Y32[:, m]) for m in range(Y.shape[1])])
-        else:
-            u = self.basis.W @ np.ascontiguousarray(Y32)
+        u = np.ascontiguousarray(self.products_of(Y).T)  # [v, m] in rows, as the sums below were measured
         s = np.ones(self.basis.vocab_size) if self.scale is None else self.scale
         c = s[:, None] * u + Y[d]
         gamma = float32_gamma(d)
@@ -348,18 +351,13 @@ class Step(HeadBounds):
         the same float32 ones (through the memo); each token's interval is full_value's."""
         if q8.kernel() is None:
             return None
-        d, m = self.basis.hidden_size, Y.shape[1]
-        Y32 = np.asarray(Y[:d], dtype=np.float32)
-        if m <= 4:  # as in full_products: a few matching sgemv calls beat OpenBLAS's sgemm
-            u = np.stack([self.product(Y32[:, k]) for k in range(m)])
-        else:
-            u = np.ascontiguousarray((self.basis.W @ np.ascontiguousarray(Y32)).T)
+        d = self.basis.hidden_size
         slot = np.full(self.basis.vocab_size, -1, dtype=np.int32)
         slot[exact] = np.arange(len(exact), dtype=np.int32)
         g = float32_gamma(d) * np.linalg.norm(Y[:d], axis=0)
         sum_slack = 1.0 + 4 * self.basis.vocab_size * U64
         return q8.token_values(
-            u,
+            self.products_of(Y),
             self.p,
             self.basis.row_norm,
             self.scale,
