@@ -99,6 +99,11 @@ class Distribution:
         """||a_i||_1 for each token: the unit in which the solver tolerance is measured."""
         return self.scale_of(tokens) * self.basis.row_norm_l1[tokens] + 1.0
 
+    @functools.cached_property
+    def vocabulary_tolerance_scale(self) -> np.ndarray:
+        """`tolerance_scale` of every token, made once per step (mask mode tests each certificate on all)."""
+        return self.tolerance_scale(np.arange(len(self.p)))
+
     def rows(self, tokens: np.ndarray) -> np.ndarray:
         """Rows of W as float64 (the last gather is kept)."""
         last = self._last_rows

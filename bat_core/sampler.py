@@ -262,7 +262,7 @@ def _decide_in_order(
     """Exact decisions on `below` in order, skipping what earlier certificates settled, up to `limit`:
     an accept certificate proves every token it covers, a feasible point rejects every token it zeroes."""
     p = state.p
-    tol = solver.config.tol * state.tolerance_scale(np.arange(len(p)))
+    tol = solver.config.tol * state.vocabulary_tolerance_scale
     tried = 0
     while tried < limit and time.perf_counter() < deadline:
         token = next((t for t in below if not (mask[t] or rejected[t])), None)

@@ -94,7 +94,7 @@ class BatSolver:
     def proven_tokens(self, step: Step, Y: np.ndarray) -> np.ndarray:
         """The tokens that some column of Y (certificates for the full [W, 1]) proves: bool, length v."""
         step = self._verifying_step(step)
-        tol = self.config.tol * step.tolerance_scale(np.arange(len(step.p)))
+        tol = self.config.tol * step.vocabulary_tolerance_scale
         return (step.all_values(Y) > tol[None, :]).any(axis=0)
 
     # ------------------------------------------------------------------ reduced bases
