@@ -2,10 +2,11 @@
 
 The same keys in vLLM (`extra_args`, `vllm_xargs`) and in `bat serve` (top-level body fields or
 `vllm_xargs`), so one client works against both: exactly one of `bat_eta`, `bat_epsilon`, `bat_tau`;
-optional `bat_mode` ("sample", "mask", or "threshold": the plain rule without BAT), `bat_seed`, and
+optional `bat_mode` ("sample", "mask", or "threshold": the plain rule without BAT), `bat_seed`,
 `bat_time_budget` (seconds per decision: the safety net's clock, as the exact path stops at its work
 budgets first; default GENERATION_TIME_BUDGET, at most the operator's BAT_MAX_TIME_BUDGET; 0: certificate
-search only). Values may arrive as strings (HTTP forms).
+search only) and, in mask mode, `bat_mask_candidates` (exact decisions per step, default 4: fewer leave more
+mass undecided in less time). Values may arrive as strings (HTTP forms).
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from typing import Any
 from .config import GENERATION_TIME_BUDGET
 from .errors import BatError
 from .generation import MODES
+from .sampler import MASK_CANDIDATES, MAX_MASK_CANDIDATES
 from .thresholds import ThresholdRule
 
 RULE_KEYS = {"bat_eta": "eta", "bat_epsilon": "epsilon", "bat_tau": "tau"}
-SETTING_KEYS = frozenset(RULE_KEYS) | {"bat_mode", "bat_seed", "bat_time_budget"}
+SETTING_KEYS = frozenset(RULE_KEYS) | {"bat_mode", "bat_seed", "bat_time_budget", "bat_mask_candidates"}
 REQUEST_MODES = MODES  # threshold: the plain rule without BAT (a baseline)
 DEFAULT_MAX_TIME_BUDGET = 10.0  # seconds per decision a request may ask for, unless the operator says otherwise
 
@@ -32,6 +34,7 @@ class RequestSettings:
     mode: str
     seed: int | None
     time_budget: float
+    mask_candidates: int = MASK_CANDIDATES
 
 
 def bat_keys(extra: Mapping[str, Any] | None) -> set[str]:
@@ -93,7 +96,21 @@ def request_settings(extra: Mapping[str, Any] | None, default_seed: Any = None) 
             f"bat_time_budget={budget} must lie in [0, {limit}] seconds: this server's limit "
             "(BAT_MAX_TIME_BUDGET); 0 is the certificate search only"
         )
-    return RequestSettings(rule, mode, seed, budget)
+    return RequestSettings(rule, mode, seed, budget, _mask_candidates(extra, mode))
+
+
+def _mask_candidates(extra: Mapping[str, Any], mode: str) -> int:
+    if "bat_mask_candidates" not in extra:
+        return MASK_CANDIDATES
+    if mode != "mask":
+        raise BatError(f"bat_mask_candidates applies to bat_mode='mask' only (this request's mode is {mode!r})")
+    value = _number(extra, "bat_mask_candidates", "an integer")
+    if not (value.is_integer() and 1 <= value <= MAX_MASK_CANDIDATES):
+        raise BatError(
+            f"bat_mask_candidates={extra['bat_mask_candidates']!r} must be an integer in [1, {MAX_MASK_CANDIDATES}]: "
+            f"the exact decisions per mask step (default {MASK_CANDIDATES})"
+        )
+    return int(value)
 
 
 def _number(extra: Mapping[str, Any], key: str, what: str) -> float:

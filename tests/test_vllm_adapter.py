@@ -92,9 +92,15 @@ def test_settings_are_validated():
         ({"bat_eta": 0.001, "bat_seed": -2}, "non-negative"),
         ({"bat_etta": 0.001}, "unknown"),
         ({"bat_epsilon": "abc"}, "not a number"),
+        ({"bat_eta": 0.001, "bat_mask_candidates": 2}, "mask' only"),
+        ({"bat_eta": 0.001, "bat_mode": "mask", "bat_mask_candidates": 0}, r"integer in \[1, 64\]"),
+        ({"bat_eta": 0.001, "bat_mode": "mask", "bat_mask_candidates": "2.5"}, r"integer in \[1, 64\]"),
     ):
         with pytest.raises(ValueError, match=words):
             BatLogitsProcessor.validate_params(SP(extra_args=extra))
+    mask = {"bat_eta": 0.001, "bat_mode": "mask"}
+    assert settings_from(SP(extra_args=mask)).mask_candidates == 4
+    assert settings_from(SP(extra_args={**mask, "bat_mask_candidates": "2"})).mask_candidates == 2
     with pytest.raises(ValueError, match="logit_bias"):
         BatLogitsProcessor.validate_params(SP(extra_args={"bat_eta": 0.001}, logit_bias={5: 1.0}))
 
@@ -136,6 +142,24 @@ def test_mixed_batch_reproduces_and_leaves_other_requests_alone(llm, folder, rec
         token, tau = int(rec["token"]), float(rec["tau"])
         assert p[token] < tau
         check_accept(A, p, tau, token, rec["y"], bat_core.BatConfig().tol)
+
+
+def test_mask_candidates_bound_the_exact_decisions_per_step(llm):
+    """bat_mask_candidates=1: at most one exact decision per mask step (every step begins afresh in vLLM);
+    the default, 4, makes more on the same requests."""
+    [proc] = processors()
+
+    def decisions_and_steps(**extra):
+        before = dict(proc.totals)
+        batch = [params(max_tokens=12, seed=s, bat_eta=0.0009, bat_mode="mask", **extra) for s in (5, 6)]
+        assert all(texts(llm.generate(PROMPTS[:2], batch)))
+        flush(llm)
+        return [proc.totals.get(k, 0) - before.get(k, 0) for k in ("candidates", "tokens")]
+
+    one, steps = decisions_and_steps(bat_mask_candidates=1)
+    default, default_steps = decisions_and_steps()
+    assert steps == default_steps == 24
+    assert 0 < one <= steps < default
 
 
 def test_n_samples_differ_and_reproduce_with_vllm_seed(llm):

@@ -29,6 +29,7 @@ import numpy as np
 import bat_core
 from bat_core import BatError, rule_from
 from bat_core.generation import BAT_MODES, GenerationCounts, kept_tokens
+from bat_core.sampler import MASK_CANDIDATES, checked_mask_candidates
 
 MODES = BAT_MODES
 SPAN_TOLERANCE = 1e-3  # relative residual of float32 logits; a wrong matrix or a penalty gives ~0.01-1
@@ -94,13 +95,14 @@ class BatLogitsProcessor:
         mode: str = "sample",
         seed: int | None = None,
         config: bat_core.BatConfig | None = None,
+        mask_candidates: int = MASK_CANDIDATES,
     ) -> None:
         if mode not in MODES:
             raise BatError(f"mode={mode!r}: use 'sample' (the paper's sampler) or 'mask' (the proven set)")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
             raise BatError(f"seed={seed!r} must be a non-negative integer")
         self.rule = rule_from(eta, epsilon, tau)
-        self.mode, self.seed = mode, seed
+        self.mode, self.seed, self.mask_candidates = mode, seed, checked_mask_candidates(mask_candidates)
         self.config = config or bat_core.BatConfig.for_generation()
         bat_core.limit_blas_threads()
         self.basis = basis_of(model)
@@ -155,7 +157,10 @@ class BatLogitsProcessor:
         rows = int(input_ids.shape[0])
         self.basis.check_span(z[0], SPAN_TOLERANCE, "this model", _changed_logits("logits that W does not explain"))
         seeds = [None if self.seed is None else self.seed + r for r in range(rows)]
-        self._rows = [bat_core.BatSampler(self.basis, self.rule, seed=s, config=self.config) for s in seeds]
+        self._rows = [
+            bat_core.BatSampler(self.basis, self.rule, seed=s, config=self.config, mask_candidates=self.mask_candidates)
+            for s in seeds
+        ]
         self._prompt_length = int(input_ids.shape[1])
         self._stats.generations += 1
         self._stats.rows += rows

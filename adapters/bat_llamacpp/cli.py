@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 import bat_core
+from bat_core.sampler import MASK_CANDIDATES
 from bat_models import smollm2_path
 
 from .processor import (
@@ -103,7 +104,9 @@ def generate(args: argparse.Namespace) -> dict[str, Any]:
     bat.check_span(last_logits(llm))
     llm.reset()
     load_seconds = time.perf_counter() - t0
-    processor = bat.processor(mode=args.mode, seed=args.seed, config=config, **{args.rule: args.value})
+    processor = bat.processor(
+        mode=args.mode, seed=args.seed, config=config, mask_candidates=args.mask_candidates, **{args.rule: args.value}
+    )
     run = run_generation(llm, args.prompt, args.max_tokens, processor, progress="BAT")
     out: dict[str, Any] = {
         "prompt": args.prompt,
@@ -192,6 +195,13 @@ def main(argv: list[str] | None = None) -> int:
         "--value", type=float, default=0.0009, help="eps of eta/epsilon, or the fixed tau (default 0.0009)"
     )
     gen.add_argument("--mode", choices=MODES, default="sample", help="the paper's sampler, or a proven mask")
+    gen.add_argument(
+        "--mask-candidates",
+        type=int,
+        default=MASK_CANDIDATES,
+        help=f"mask mode: exact decisions per step (default {MASK_CANDIDATES}; fewer leave more mass undecided, "
+        "in less time)",
+    )
     gen.add_argument(
         "--time-budget",
         type=float,

@@ -38,6 +38,7 @@ import numpy as np
 import bat_core
 from bat_core import BatError, ThresholdRule, rule_from
 from bat_core.generation import BAT_MODES, GenerationCounts, kept_tokens, most_probable_token
+from bat_core.sampler import MASK_CANDIDATES
 from bat_models import basis_for
 
 MODES = BAT_MODES
@@ -96,13 +97,15 @@ class BatLlama:
         seed: int | None = None,
         config: bat_core.BatConfig | None = None,
         record: bool = False,
+        mask_candidates: int = MASK_CANDIDATES,
     ) -> BatLogitsProcessor:
         """A new processor for one completion (its own seeded generator, HiGHS model and stats).
 
         `config` defaults to BatConfig.for_generation(): the exact path under its work budgets; a token it
-        leaves unproven is a counted, conservative reject."""
+        leaves unproven is a counted, conservative reject. `mask_candidates`: in mask mode, the exact
+        decisions per step (fewer leave more mass undecided, in less time)."""
         config = config or bat_core.BatConfig.for_generation()
-        return BatLogitsProcessor(self, rule_from(eta, epsilon, tau), mode, seed, config, record)
+        return BatLogitsProcessor(self, rule_from(eta, epsilon, tau), mode, seed, config, record, mask_candidates)
 
     def warm_up(self, config: bat_core.BatConfig | None = None) -> None:
         """Build what the decisions share (whitening, reduced bases) now rather than in the first step."""
@@ -128,6 +131,7 @@ class BatLogitsProcessor:
         seed: int | None = None,
         config: bat_core.BatConfig | None = None,
         record: bool = False,
+        mask_candidates: int = MASK_CANDIDATES,
     ) -> None:
         if mode not in MODES:
             raise BatError(f"unknown mode {mode!r}: use 'sample' (the paper's sampler) or 'mask'")
@@ -137,7 +141,7 @@ class BatLogitsProcessor:
         self.rule = rule
         self.mode = mode
         self.seed = seed
-        self.sampler = bat_core.BatSampler(owner.basis, rule, seed=seed, config=config)
+        self.sampler = bat_core.BatSampler(owner.basis, rule, seed=seed, config=config, mask_candidates=mask_candidates)
         self._stats = CompletionStats()
         self.records: list[StepRecord] | None = [] if record else None
         self.error: BaseException | None = None

@@ -96,7 +96,9 @@ class ModelSlot:
         if self.bat is None:
             raise BatError(f"BAT is refused on this model: {self.refusal}")
         config = bat_core.BatConfig.for_generation(settings.time_budget)
-        return BatLogitsProcessor(self.bat, settings.rule, settings.mode, settings.seed, config)
+        return BatLogitsProcessor(
+            self.bat, settings.rule, settings.mode, settings.seed, config, mask_candidates=settings.mask_candidates
+        )
 
     def count(self, key: str, delta: int = 1) -> None:
         with self._counts_lock:
@@ -200,6 +202,8 @@ def bat_summary(processor: Any, settings: RequestSettings) -> dict[str, Any]:
         "rule": {"kind": settings.rule.kind, "value": settings.rule.value},
         "seed": settings.seed,
     }
+    if settings.mode == "mask":
+        out["mask_candidates"] = settings.mask_candidates
     if not isinstance(processor, BatLogitsProcessor):
         return out
     s = processor.stats

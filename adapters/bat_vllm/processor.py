@@ -11,7 +11,8 @@ Per-request settings (flat keys, the same in `extra_args` and `vllm_xargs`): exa
 `bat_epsilon`, `bat_tau`; optional `bat_mode` ("sample", "mask", or "threshold": the plain rule
 without BAT), `bat_seed` (default: the request's own seed), `bat_time_budget` (seconds per
 decision, the exact path's safety-net clock, at most the operator's BAT_MAX_TIME_BUDGET; default
-bat_core.GENERATION_TIME_BUDGET, 10 s; 0: certificate search only). Settings that change the logits
+bat_core.GENERATION_TIME_BUDGET, 10 s; 0: certificate search only), `bat_mask_candidates` (mask mode: exact
+decisions per step, default 4). Settings that change the logits
 before BAT (structured outputs, logit_bias, allowed_token_ids, bad_words, min_tokens) are refused: BAT
 needs the raw distribution.
 
@@ -222,7 +223,9 @@ class BatLogitsProcessor(LogitsProcessor):
         if self.refusal is None:
             try:
                 config = bat_core.BatConfig.for_generation(settings.time_budget)
-                sampler = bat_core.BatSampler(self.basis, settings.rule, seed=settings.seed, config=config)
+                sampler = bat_core.BatSampler(
+                    self.basis, settings.rule, settings.seed, config, mask_candidates=settings.mask_candidates
+                )
                 return RequestState(sampler, settings.mode, output)
             except Exception as exc:  # noqa: BLE001 - reading W may fail for this model: every BAT request would
                 self._refuse(exc)
